@@ -1,0 +1,5 @@
+import sys
+
+from trickbag.cli import main
+
+sys.exit(main())

@@ -1,0 +1,80 @@
+"""The ``trickbag`` command line.
+
+Each subcommand lives in ``trickbag/commands/<name>.py`` and exposes ``register(subparsers)``; those modules
+import nothing heavy at module level, so ``trickbag --help`` stays fast. Errors a user can fix (bad config,
+missing file) are raised as ``UserError`` subclasses / ``ValueError`` / ``FileNotFoundError`` and printed as one
+line without a traceback; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from trickbag import __version__
+
+# Order here is the order shown in --help.
+COMMAND_MODULES = (
+    "trickbag.commands.train",
+    "trickbag.commands.inspect",
+    "trickbag.commands.schedule",
+    "trickbag.commands.mix",
+)
+
+EPILOG = """examples:
+  trickbag train recipes/digits.yaml                 train the embedded default (no download)
+  trickbag train recipes/cifar10_fast.yaml data.root=/data/cifar10 epochs=10
+  trickbag resume runs/digits-001                    continue a stopped run
+  trickbag predict runs/digits-001/best_metric IMAGES --out predictions.csv
+  trickbag inspect /data/cifar10/train               class balance and which metric to trust
+  trickbag <command> --help                          options and examples of one command
+"""
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trickbag",
+        description="Train, evaluate and predict with PyTorch image classifiers using the bag of tricks.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"trickbag {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name == module_name:  # a command not built yet; the others still work
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        print("trickbag: interrupted", file=sys.stderr)
+        return 130
+    except (UserError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
+        if args.debug:
+            raise
+        print(f"trickbag {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
