@@ -1,0 +1,118 @@
+import builtins
+import sys
+
+import pytest
+import torch
+
+from trickbag.models import MODEL_NAMES, BasicBlock, build_model
+
+
+@pytest.mark.parametrize(
+    "name, in_channels, size, options",
+    [
+        ("digits_cnn", 1, 8, {}),
+        ("resnet18_cifar", 3, 32, {"width": 8}),
+        ("airbench", 3, 32, {"widths": [8, 16, 16]}),
+        ("cifar_fast", 3, 32, {}),
+    ],
+)
+def test_forward_shapes(name, in_channels, size, options):
+    model = build_model(name, 7, in_channels=in_channels, **options)
+    out = model(torch.randn(3, in_channels, size, size))
+    assert out.shape == (3, 7)
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, in_channels, size, size)).shape == (1, 7)  # N=1 in eval mode
+    assert name in MODEL_NAMES
+
+
+def test_channels_last_forward_matches_contiguous():
+    torch.manual_seed(0)
+    model = build_model("cifar_fast", 10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(x)
+        model_cl = model.to(memory_format=torch.channels_last)
+        out = model_cl(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_resnet18_cifar_blocks_expose_last_bn_and_zero_gamma_makes_identity_branch():
+    model = build_model("resnet18_cifar", 10)
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+    assert len(blocks) == 8
+    assert all(isinstance(b.last_bn, torch.nn.BatchNorm2d) for b in blocks)
+    assert sum(p.numel() for p in model.parameters()) == 11_173_962  # the standard CIFAR ResNet-18
+    block = BasicBlock(4, 4).eval()
+    torch.nn.init.zeros_(block.last_bn.weight)
+    torch.nn.init.zeros_(block.last_bn.bias)
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(block(x), torch.relu(x))
+
+
+def test_unknown_name_suggests_nearest():
+    with pytest.raises(
+        ValueError, match=r"unknown model name 'resnet18'; did you mean 'resnet18_cifar'\?.*digits_cnn"
+    ):
+        build_model("resnet18", 10)
+    with pytest.raises(ValueError, match="unknown model name 'zzz' Known: digits_cnn"):
+        build_model("zzz", 10)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        build_model("digits_cnn", 0)
+    with pytest.raises(ValueError, match="in_channels must be a positive int"):
+        build_model("digits_cnn", 10, in_channels=0)
+    with pytest.raises(TypeError, match="model name must be a str"):
+        build_model(None, 10)
+    with pytest.raises(ValueError, match=r"model 'airbench': bad options \['widht'\]"):
+        build_model("airbench", 10, widht=3)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        build_model("airbench", 10, temperature=0)
+
+
+@pytest.fixture
+def hide_modules(monkeypatch):
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.split(".")[0] in ("timm", "torchvision"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    for module in [m for m in sys.modules if m.split(".")[0] in ("timm", "torchvision")]:
+        monkeypatch.delitem(sys.modules, module)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+def test_missing_timm_gives_install_hint(hide_modules):
+    with pytest.raises(ValueError, match=r"pip install trickbag\[timm\]"):
+        build_model("timm:resnet18", 10)
+
+
+def test_missing_torchvision_gives_install_hint(hide_modules):
+    with pytest.raises(ValueError, match=r"pip install trickbag\[torchvision\]"):
+        build_model("torchvision:resnet18", 10)
+
+
+def test_digits_cnn_learns_digits_quickly():
+    from trickbag.data import BatchLoader, channel_stats, load_digits
+
+    torch.manual_seed(0)
+    train, test = load_digits()
+    mean, std = channel_stats(train.images)
+    loader = BatchLoader(train.images, train.labels, batch_size=64, shuffle=True, mean=mean, std=std)
+    model = build_model("digits_cnn", 10, in_channels=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    for _ in range(4):
+        for x, y in loader:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    evaluator = BatchLoader.for_eval(test.images, test.labels, batch_size=512, mean=mean, std=std)
+    with torch.no_grad():
+        correct = sum((model(x).argmax(1) == y).sum().item() for x, y in evaluator)
+    assert correct / len(test) >= 0.93

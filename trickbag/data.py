@@ -1,0 +1,396 @@
+"""Image datasets as uint8 tensors, and a batch loader that augments on the training device.
+
+Images are decoded once (see ``trickbag.imagefolder`` style helpers below) into one uint8 array
+``(N, C, H, W)``; training then indexes that tensor directly. There is no ``DataLoader``: no worker
+processes, no per-sample Python, and the random order and augmentation of an epoch are a pure function
+of ``(seed, epoch)`` so a run resumed at an epoch boundary sees exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "ImageSet",
+    "BatchLoader",
+    "load_digits",
+    "split_validation",
+    "channel_stats",
+    "epoch_generator",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The in-memory dataset
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageSet:
+    """A labelled image set held in memory.
+
+    Attributes:
+        images: (N, C, H, W) uint8 tensor.
+        labels: (N,) int64 tensor of class indices into ``classes``.
+        classes: class names; ``classes[i]`` is the name of label ``i``.
+        paths: source file of each image, or None for generated/embedded data.
+        skipped: files that could not be decoded and were skipped (``skip_bad_images=True``).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    paths: list[str] | None = None
+    skipped: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if (
+            not isinstance(self.images, torch.Tensor)
+            or self.images.dtype != torch.uint8
+            or self.images.dim() != 4
+        ):
+            raise TypeError(
+                f"ImageSet.images must be a uint8 tensor of shape (N, C, H, W), got "
+                f"{getattr(self.images, 'dtype', type(self.images))} {tuple(getattr(self.images, 'shape', ()))}"
+            )
+        if (
+            not isinstance(self.labels, torch.Tensor)
+            or self.labels.dtype != torch.int64
+            or self.labels.dim() != 1
+        ):
+            raise TypeError(
+                f"ImageSet.labels must be an int64 tensor of shape (N,), got "
+                f"{getattr(self.labels, 'dtype', type(self.labels))} {tuple(getattr(self.labels, 'shape', ()))}"
+            )
+        if len(self.labels) != len(self.images):
+            raise ValueError(f"ImageSet has {len(self.images)} images but {len(self.labels)} labels")
+        if self.paths is not None and len(self.paths) != len(self.images):
+            raise ValueError(f"ImageSet has {len(self.images)} images but {len(self.paths)} paths")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: torch.Tensor) -> ImageSet:
+        """The images at ``indices`` (a (K,) int64 tensor), keeping ``classes``."""
+        paths = None if self.paths is None else [self.paths[i] for i in indices.tolist()]
+        return ImageSet(self.images[indices], self.labels[indices], list(self.classes), paths)
+
+
+def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download), split stratified.
+
+    The 0..16 grey levels are scaled to uint8 0..255 so the set looks like any other image set.
+
+    Returns:
+        (train, test): ImageSets with images (N, 1, 8, 8) uint8 and classes "0".."9".
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    grey = torch.as_tensor(bunch.images, dtype=torch.float64)
+    images = torch.round(grey * (255.0 / 16.0)).to(torch.uint8).unsqueeze(1)
+    labels = torch.as_tensor(bunch.target, dtype=torch.int64)
+    full = ImageSet(images, labels, [str(c) for c in range(10)])
+    return split_validation(full, test_fraction, seed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Splits and statistics
+# ---------------------------------------------------------------------------------------------------------
+
+
+def split_validation(imageset: ImageSet, fraction: float, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """Stratified, seeded split: each class sends ``round(fraction * count)`` images to the second set.
+
+    A class with at least two images keeps at least one on each side when ``0 < fraction < 1``.
+
+    Returns:
+        (train, val) ImageSets; the order inside each is the original order.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be a number in (0, 1), got {fraction!r}")
+    generator = torch.Generator().manual_seed(int(seed))
+    val_mask = torch.zeros(len(imageset), dtype=torch.bool)
+    for label in torch.unique(imageset.labels).tolist():
+        members = torch.nonzero(imageset.labels == label).flatten()
+        count = len(members)
+        n_val = round(fraction * count)
+        if count >= 2:
+            n_val = min(max(n_val, 1), count - 1)
+        chosen = members[torch.randperm(count, generator=generator)[:n_val]]
+        val_mask[chosen] = True
+    train_index = torch.nonzero(~val_mask).flatten()
+    val_index = torch.nonzero(val_mask).flatten()
+    if len(train_index) == 0 or len(val_index) == 0:
+        raise ValueError(
+            f"split_validation with fraction={fraction} of {len(imageset)} images leaves an empty side; "
+            "use more images or another fraction"
+        )
+    return imageset.subset(train_index), imageset.subset(val_index)
+
+
+def channel_stats(images: torch.Tensor, *, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation in [0, 1] units.
+
+    Args:
+        images: (N, C, H, W) uint8.
+
+    Returns:
+        (mean, std): two lists of C floats (population std).
+    """
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        raise TypeError(
+            f"images must be a (N, C, H, W) uint8 tensor, got {getattr(images, 'dtype', type(images))} "
+            f"{tuple(getattr(images, 'shape', ()))}"
+        )
+    if len(images) == 0:
+        raise ValueError("images is empty; channel_stats needs at least one image")
+    channels = images.shape[1]
+    total = torch.zeros(channels, dtype=torch.float64)
+    total_sq = torch.zeros(channels, dtype=torch.float64)
+    # Chunked float64 sums: a float32 sum over 50M pixels loses digits, a float64 copy of all of CIFAR is 1.2 GB.
+    for start in range(0, len(images), chunk):
+        block = images[start : start + chunk].to(torch.float64) / 255.0
+        total += block.sum(dim=(0, 2, 3))
+        total_sq += (block * block).sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    var = (total_sq / count - mean * mean).clamp_min(0.0)
+    return mean.tolist(), var.sqrt().tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batched augmentation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A CPU generator whose state depends only on (seed, epoch)."""
+    # Mix with a large odd constant so (seed, epoch) and (seed + 1, epoch - 1) do not collide.
+    return torch.Generator().manual_seed((int(seed) * 0x9E3779B97F4A7C15 + int(epoch)) % (2**63))
+
+
+def random_crop(
+    images: torch.Tensor, padding: int, offsets: torch.Tensor, *, padding_mode: str = "reflect"
+) -> torch.Tensor:
+    """Pad each image by ``padding`` and cut out an (H, W) window at its own offset, all in one gather.
+
+    Args:
+        images: (N, C, H, W) float.
+        padding: pixels added on every side.
+        offsets: (N, 2) int64, (top, left) of each window in the padded image, each in [0, 2 * padding].
+        padding_mode: "reflect" or "zeros".
+
+    Returns:
+        (N, C, H, W), same dtype and device as ``images``.
+    """
+    if padding == 0:
+        return images
+    n, c, h, w = images.shape
+    mode = {"reflect": "reflect", "zeros": "constant"}.get(padding_mode)
+    if mode is None:
+        raise ValueError(f"padding_mode must be 'reflect' or 'zeros', got {padding_mode!r}")
+    padded = F.pad(images, (padding, padding, padding, padding), mode=mode)
+    offsets = offsets.to(images.device)
+    rows = offsets[:, 0:1] + torch.arange(h, device=images.device)  # (N, H)
+    cols = offsets[:, 1:2] + torch.arange(w, device=images.device)  # (N, W)
+    # Gather rows then columns: two index_selects worth of memory traffic, no per-image loop.
+    rows_index = rows[:, None, :, None].expand(n, c, h, padded.shape[3])
+    picked = padded.gather(2, rows_index)
+    cols_index = cols[:, None, None, :].expand(n, c, h, w)
+    return picked.gather(3, cols_index)
+
+
+def random_flip(images: torch.Tensor, flip_mask: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right the images where ``flip_mask`` (N,) bool is True; (N, C, H, W) in and out."""
+    mask = flip_mask.to(images.device)[:, None, None, None]
+    return torch.where(mask, images.flip(3), images)
+
+
+class BatchLoader:
+    """Batches from in-memory uint8 tensors, normalised and augmented on ``device``.
+
+    Each batch: index -> float -> normalise ``(x / 255 - mean) / std`` -> random crop with padding -> random
+    horizontal flip -> ``(x (N, C, H, W) float32, y (N,) int64)``. The permutation, crop offsets and flips of
+    an epoch are drawn up front from ``epoch_generator(seed, epoch)``, so they depend on nothing else
+    (not the device, not how many batches were consumed before). Iterating to the end advances ``epoch`` by
+    one; call ``set_epoch(epoch)`` to choose it explicitly (e.g. on resume).
+
+    For evaluation use ``shuffle=False`` with no crop/flip (``BatchLoader.for_eval``).
+
+    Args:
+        images: (N, C, H, W) uint8 tensor (moved once to ``device``).
+        labels: (N,) int64 tensor, or None (batches then yield ``y = None``; for prediction).
+        batch_size: images per batch.
+        shuffle: draw a new order each epoch.
+        drop_last: skip a final batch smaller than ``batch_size``.
+        seed: base seed of the per-epoch generator.
+        device: where images live and batches are built.
+        mean, std: per-channel normalisation in [0, 1] units (sequences of C floats); None computes them
+            from ``images`` (pass the training set's values to an eval loader).
+        crop_padding: pixels of padding for the random crop; 0 disables it.
+        flip: random horizontal flips with probability 0.5.
+        channels_last: return batches in ``torch.channels_last`` memory format.
+        padding_mode: "reflect" or "zeros" (zeros after normalising = the mean colour).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool = False,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        mean: list[float] | tuple[float, ...] | None = None,
+        std: list[float] | tuple[float, ...] | None = None,
+        crop_padding: int = 0,
+        flip: bool = False,
+        channels_last: bool = False,
+        padding_mode: str = "reflect",
+    ) -> None:
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+            raise TypeError(
+                f"images must be a (N, C, H, W) uint8 tensor, got {getattr(images, 'dtype', type(images))} "
+                f"{tuple(getattr(images, 'shape', ()))}"
+            )
+        if labels is not None and (labels.dim() != 1 or len(labels) != len(images)):
+            raise ValueError(
+                f"labels must have shape ({len(images)},) to match images, got {tuple(labels.shape)}"
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(crop_padding, bool) or not isinstance(crop_padding, int) or crop_padding < 0:
+            raise ValueError(f"crop_padding must be an int >= 0, got {crop_padding!r}")
+        if padding_mode not in ("reflect", "zeros"):
+            raise ValueError(f"padding_mode must be 'reflect' or 'zeros', got {padding_mode!r}")
+        if padding_mode == "reflect" and crop_padding >= min(images.shape[2], images.shape[3]):
+            raise ValueError(
+                f"crop_padding={crop_padding} must be smaller than the image size {tuple(images.shape[2:])} "
+                "for reflect padding; use padding_mode='zeros' or less padding"
+            )
+        channels = images.shape[1]
+        if mean is None or std is None:
+            computed_mean, computed_std = (
+                channel_stats(images) if len(images) else ([0.0] * channels, [1.0] * channels)
+            )
+            mean = computed_mean if mean is None else mean
+            std = computed_std if std is None else std
+        mean, std = list(mean), list(std)
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(
+                f"mean and std need one value per channel ({channels}), got mean={mean} std={std}"
+            )
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std values must be > 0, got {std}")
+
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = None if labels is None else labels.to(self.device, torch.int64)
+        self.batch_size = batch_size
+        self.shuffle = bool(shuffle)
+        self.drop_last = bool(drop_last)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.mean, self.std = mean, std
+        self.crop_padding = crop_padding
+        self.flip = bool(flip)
+        self.channels_last = bool(channels_last)
+        self.padding_mode = padding_mode
+        # Folding the scale into one multiply-add: x * scale + shift == (x / 255 - mean) / std.
+        std_t = torch.tensor(std, dtype=torch.float32)
+        self._scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1).to(self.device)
+        self._shift = (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, -1, 1, 1).to(self.device)
+
+    @classmethod
+    def for_eval(
+        cls,
+        images: torch.Tensor,
+        labels: torch.Tensor | None,
+        *,
+        batch_size: int,
+        device: str | torch.device = "cpu",
+        mean: list[float] | tuple[float, ...] | None = None,
+        std: list[float] | tuple[float, ...] | None = None,
+        channels_last: bool = False,
+    ) -> BatchLoader:
+        """A loader in eval mode: fixed order, every image once, no augmentation."""
+        return cls(
+            images,
+            labels,
+            batch_size=batch_size,
+            shuffle=False,
+            drop_last=False,
+            device=device,
+            mean=mean,
+            std=std,
+            channels_last=channels_last,
+        )
+
+    def __len__(self) -> int:
+        n = len(self.images)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order and augmentation the next iteration uses."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])
+        self.set_epoch(int(state["epoch"]))
+
+    def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) uint8 on ``device`` -> normalised float32."""
+        return images_uint8.to(torch.float32).mul_(self._scale).add_(self._shift)
+
+    def epoch_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(order (N,), crop offsets (N, 2) or None, flip mask (N,) or None) for ``epoch``, on the CPU.
+
+        Offsets and flips are indexed by position in the epoch's order, drawn in a fixed sequence.
+        """
+        n = len(self.images)
+        generator = epoch_generator(self.seed, epoch)
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        offsets = None
+        if self.crop_padding > 0:
+            offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=generator)
+        flips = torch.rand(n, generator=generator) < 0.5 if self.flip else None
+        return order, offsets, flips
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        epoch = self.epoch
+        order, offsets, flips = self.epoch_plan(epoch)
+        order_device = order.to(self.device)
+        n = len(order)
+        stop = (n // self.batch_size) * self.batch_size if self.drop_last else n
+        for start in range(0, stop, self.batch_size):
+            index = order_device[start : start + self.batch_size]
+            x = self.normalize(self.images[index])
+            if offsets is not None:
+                x = random_crop(
+                    x,
+                    self.crop_padding,
+                    offsets[start : start + self.batch_size],
+                    padding_mode=self.padding_mode,
+                )
+            if flips is not None:
+                x = random_flip(x, flips[start : start + self.batch_size])
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = None if self.labels is None else self.labels[index]
+            yield x, y
+        # Only a completed pass moves on, so a loop broken off mid-epoch repeats that epoch's plan.
+        if self.epoch == epoch:
+            self.epoch = epoch + 1

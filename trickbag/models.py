@@ -1,0 +1,271 @@
+"""Image classifiers by name: ``build_model("resnet18_cifar", num_classes=10)``.
+
+Built-in: ``digits_cnn`` (8x8 greyscale digits), ``resnet18_cifar`` (CIFAR ResNet-18, BasicBlocks whose
+``last_bn`` can be zero-initialised), ``airbench`` (airbench94-style conv-BN-GELU net), ``cifar_fast`` (a
+small net tuned for CIFAR-10 on a few CPU cores). ``timm:<name>`` and ``torchvision:<name>`` build those
+libraries' models when installed, always with ``pretrained=False`` / ``weights=None``: trickbag never
+downloads weights.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MODEL_NAMES",
+    "build_model",
+    "DigitsCNN",
+    "ResNetCIFAR",
+    "BasicBlock",
+    "AirbenchNet",
+    "CifarFastNet",
+]
+
+
+def conv_bn(in_channels: int, out_channels: int, activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """3x3 conv (no bias: BN follows) -> BatchNorm -> activation."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        activation(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# digits_cnn
+# ---------------------------------------------------------------------------------------------------------
+
+
+class DigitsCNN(nn.Module):
+    """Small CNN for 8x8 greyscale digits: (N, C, 8, 8) -> (N, num_classes) logits.
+
+    Two conv stages (8x8 -> 4x4 -> 2x2), then global pooling and a linear head; works on any H, W >= 4.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 1, width: int = 32, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn(in_channels, width),
+            conv_bn(width, width),
+            nn.MaxPool2d(2),
+            conv_bn(width, 2 * width),
+            conv_bn(2 * width, 2 * width),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(2 * width, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# resnet18_cifar
+# ---------------------------------------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """ResNet BasicBlock: conv-BN-ReLU-conv-BN plus shortcut, then ReLU.
+
+    ``last_bn`` is the BN closing the residual branch; setting its weight to 0 makes the block start as
+    the identity ("zero-gamma", Goyal et al. 2017, https://arxiv.org/abs/1706.02677).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.last_bn = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.last_bn(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNetCIFAR(nn.Module):
+    """CIFAR ResNet-18 (He et al. 2015, https://arxiv.org/abs/1512.03385): 3x3 stem, no stem pooling.
+
+    (N, C, 32, 32) -> (N, num_classes). ``width`` is the first stage's channels (64 in the paper's
+    ImageNet ResNet-18; 11M parameters); ``blocks`` the BasicBlocks per stage.
+    """
+
+    def __init__(
+        self, num_classes: int, in_channels: int = 3, width: int = 64, blocks: Sequence[int] = (2, 2, 2, 2)
+    ) -> None:
+        super().__init__()
+        self.stem = conv_bn(in_channels, width)
+        stages: list[nn.Module] = []
+        channels = width
+        for index, count in enumerate(blocks):
+            out_channels = width * 2**index
+            for block in range(count):
+                stride = 2 if index > 0 and block == 0 else 1
+                stages.append(BasicBlock(channels, out_channels, stride))
+                channels = out_channels
+        self.layers = nn.Sequential(*stages)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(self.stem(x)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# airbench and cifar_fast
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ConvGroup(nn.Module):
+    """airbench's block: conv -> maxpool 2 -> BN -> GELU -> conv -> BN -> GELU."""
+
+    def __init__(self, in_channels: int, out_channels: int, activation: type[nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.act1 = activation()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.act2 = activation()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.pool(self.conv1(x))))
+        return self.act2(self.bn2(self.conv2(x)))
+
+
+class AirbenchNet(nn.Module):
+    """airbench94-style net (Jordan 2024, https://arxiv.org/abs/2404.00498), without the whitening layer.
+
+    stem conv (3x3, ``stem_width``) -> BN -> GELU -> three ConvGroups (each halves H, W) -> global max pool
+    -> linear (no bias) scaled by ``1 / temperature``. (N, C, H, W) -> (N, num_classes).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        widths: Sequence[int] = (64, 256, 256),
+        stem_width: int = 24,
+        temperature: float = 9.0,
+        activation: type[nn.Module] = nn.GELU,
+    ) -> None:
+        super().__init__()
+        if len(widths) < 1:
+            raise ValueError(f"widths must list at least one block width, got {widths!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self.stem = conv_bn(in_channels, stem_width, activation)
+        groups, channels = [], stem_width
+        for width in widths:
+            groups.append(ConvGroup(channels, int(width), activation))
+            channels = int(width)
+        self.groups = nn.Sequential(*groups)
+        self.pool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.linear = nn.Linear(channels, num_classes, bias=False)
+        self.temperature = float(temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.pool(self.groups(self.stem(x)))) / self.temperature
+
+
+class CifarFastNet(AirbenchNet):
+    """A narrow airbench for a few CPU cores: ReLU (cheaper than GELU on CPU), widths (32, 64, 128)."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        widths: Sequence[int] = (32, 64, 128),
+        stem_width: int = 24,
+        temperature: float = 4.0,
+    ) -> None:
+        super().__init__(num_classes, in_channels, widths, stem_width, temperature, nn.ReLU)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------------------
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "digits_cnn": DigitsCNN,
+    "resnet18_cifar": ResNetCIFAR,
+    "airbench": AirbenchNet,
+    "cifar_fast": CifarFastNet,
+}
+MODEL_NAMES: tuple[str, ...] = (*_BUILDERS, "timm:<name>", "torchvision:<name>")
+
+
+def _build_timm(name: str, num_classes: int, in_channels: int, options: dict) -> nn.Module:
+    try:
+        import timm
+    except ImportError as error:
+        raise ValueError(f"model 'timm:{name}' needs the timm package: pip install trickbag[timm]") from error
+    if options.pop("pretrained", False):
+        raise ValueError("trickbag never downloads weights: remove model.options.pretrained for timm models")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **options)
+
+
+def _build_torchvision(name: str, num_classes: int, in_channels: int, options: dict) -> nn.Module:
+    try:
+        import torchvision.models
+    except ImportError as error:
+        raise ValueError(
+            f"model 'torchvision:{name}' needs the torchvision package: pip install trickbag[torchvision]"
+        ) from error
+    if options.pop("weights", None) is not None or options.pop("pretrained", False):
+        raise ValueError("trickbag never downloads weights: remove weights/pretrained for torchvision models")
+    if in_channels != 3:
+        raise ValueError(f"torchvision models take 3 input channels, got in_channels={in_channels}")
+    available = torchvision.models.list_models()
+    if name not in available:
+        near = difflib.get_close_matches(name, available, n=3)
+        hint = f"; did you mean {', '.join(near)}?" if near else ""
+        raise ValueError(f"unknown torchvision model {name!r}{hint}")
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **options)
+
+
+def build_model(name: str, num_classes: int, *, in_channels: int = 3, **options) -> nn.Module:
+    """Build an untrained classifier by name.
+
+    Args:
+        name: one of ``MODEL_NAMES``; ``timm:<name>`` / ``torchvision:<name>`` for those libraries.
+        num_classes: outputs of the final layer.
+        in_channels: image channels (1 for greyscale digits).
+        **options: the model's constructor keywords (e.g. ``width=32`` for ``resnet18_cifar``,
+            ``widths=[64, 256, 256]`` for ``airbench``); unknown keywords are an error.
+
+    Returns:
+        an ``nn.Module`` mapping (N, in_channels, H, W) float to (N, num_classes) logits.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a str, got {type(name).__name__}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+    if name.startswith("timm:"):
+        return _build_timm(name[5:], num_classes, in_channels, dict(options))
+    if name.startswith("torchvision:"):
+        return _build_torchvision(name[12:], num_classes, in_channels, dict(options))
+    builder = _BUILDERS.get(name)
+    if builder is None:
+        near = difflib.get_close_matches(name, list(_BUILDERS), n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ValueError(f"unknown model name {name!r}{hint} Known: {', '.join(MODEL_NAMES)}")
+    try:
+        return builder(num_classes, in_channels, **options)
+    except TypeError as error:
+        # A misspelt option should name the option, not surface as a bare constructor TypeError.
+        raise ValueError(f"model {name!r}: bad options {sorted(options)}: {error}") from error
