@@ -1,0 +1,27 @@
+"""Metrics that tell you which number to trust: classification, regression, ranking, and dataset advice.
+
+Everything here is exact and streaming-safe: functions and classes share ``_x_update`` (sufficient statistics
+as plain tensors) and ``_x_compute`` (the reduction), checked against scikit-learn.
+"""
+
+from trickbag.metrics._checks import UndefinedMetricWarning
+from trickbag.metrics.classification import (
+    ClassificationMetrics,
+    accuracy,
+    confusion_matrix,
+    f1_score,
+    precision,
+    recall,
+    roc_auc,
+)
+
+__all__ = [
+    "UndefinedMetricWarning",
+    "ClassificationMetrics",
+    "accuracy",
+    "confusion_matrix",
+    "f1_score",
+    "precision",
+    "recall",
+    "roc_auc",
+]
