@@ -1,0 +1,298 @@
+"""Random draws behind batch mixing: λ ~ Beta(α, α), CutMix boxes and FMix masks (and the input checks).
+
+Everything here takes its randomness from an optional ``torch.Generator`` (``None`` means torch's default CPU
+generator) and samples on the generator's device; callers pass ``device=`` to get the result where the batch
+lives. ``trickbag.mixing`` builds ``mixup`` / ``cutmix`` / ``fmix`` on top of these.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["sample_beta", "cutmix_boxes", "box_masks", "sample_fmix_mask"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input checks and draws shared by mixup / cutmix / fmix / BatchMixer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_alpha(alpha: float, name: str = "alpha") -> None:
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not math.isfinite(alpha)
+        or alpha <= 0
+    ):
+        raise ValueError(f"{name} must be a finite number > 0 (1.0 draws λ uniformly), got {alpha!r}")
+
+
+def _check_images(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"x must have shape (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype != torch.uint8 and not x.dtype.is_floating_point:
+        raise TypeError(f"x must be uint8 or floating point (float16/bfloat16/float32), got {x.dtype}")
+
+
+def _soft_targets(
+    target: torch.Tensor, n: int, num_classes: int | None, device: torch.device
+) -> torch.Tensor:
+    """Validate ``target`` and return it as (N, C) float32 rows."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(
+            f"target must be a torch.Tensor, (N,) int64 or (N, C) float, got {type(target).__name__}"
+        )
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but x is on {device}; move both to the same device")
+    if target.ndim not in (1, 2) or target.shape[0] != n:
+        raise ValueError(f"target must have shape ({n},) or ({n}, C) to match x, got {tuple(target.shape)}")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)):
+        raise TypeError(f"num_classes must be an int, got {num_classes!r}")
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if target.ndim == 2:
+        if not target.dtype.is_floating_point:
+            raise TypeError(f"target of shape (N, C) must hold float soft rows, got {target.dtype}")
+        if num_classes is not None and target.shape[1] != num_classes:
+            raise ValueError(f"target has {target.shape[1]} columns but num_classes={num_classes}")
+        return target.to(torch.float32)
+    if target.dtype.is_floating_point or target.dtype in (torch.bool, torch.complex64, torch.complex128):
+        raise TypeError(f"target of shape (N,) must hold integer class indices, got {target.dtype}")
+    if num_classes is None:
+        raise ValueError("num_classes is required when target holds class indices (shape (N,))")
+    # On an accelerator this check would force a sync; F.one_hot raises there instead.
+    if target.device.type == "cpu" and n and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+        raise ValueError(
+            f"target holds class indices in [{int(target.min())}, {int(target.max())}], "
+            f"allowed [0, {num_classes - 1}] for num_classes={num_classes}"
+        )
+    return F.one_hot(target.long(), num_classes).to(torch.float32)
+
+
+def _resolve_perm(perm, n, pairing, generator, device) -> torch.Tensor | None:
+    """(N,) int64 partner indices on ``device``, or None for ``"flip"`` (reversal is cheaper than a gather)."""
+    if perm is None:
+        if pairing == "flip":
+            return None
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        return torch.randperm(n, generator=generator, device=gen_device).to(device, non_blocking=True)
+    if not isinstance(perm, torch.Tensor) or perm.shape != (n,) or perm.dtype.is_floating_point:
+        shape = tuple(perm.shape) if isinstance(perm, torch.Tensor) else type(perm).__name__
+        raise ValueError(f"perm must be an integer tensor of shape ({n},), got {shape}")
+    if perm.dtype == torch.bool or int(perm.min()) < 0 or int(perm.max()) >= n:
+        raise ValueError(f"perm must hold indices in [0, {n - 1}], got {perm.tolist()}")
+    return perm.to(device=device, dtype=torch.long)
+
+
+def _resolve_lam(lam, n, per_sample, alpha, generator, device) -> torch.Tensor:
+    """λ as (1,) or (N,) float32 on ``device``: drawn from Beta(α, α) unless given."""
+    if lam is None:
+        return sample_beta(alpha, n if per_sample else 1, generator=generator, device=device)
+    if isinstance(lam, bool) or not isinstance(lam, (int, float, torch.Tensor)):
+        raise TypeError(f"lam must be a float or a tensor of shape () or ({n},), got {type(lam).__name__}")
+    lam = torch.as_tensor(lam, dtype=torch.float32)
+    if lam.ndim > 1 or lam.numel() not in (1, n):
+        raise ValueError(
+            f"lam must be a float or a tensor of shape () or ({n},), got shape {tuple(lam.shape)}"
+        )
+    if not bool(((lam >= 0) & (lam <= 1)).all()):
+        raise ValueError(f"lam must lie in [0, 1] (the weight of the original sample), got {lam.tolist()}")
+    return lam.reshape(-1).to(device) if device is not None else lam.reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# λ ~ Beta(α, α)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _generator_device(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def _sample_log_gamma(shape: float, count: int, generator: torch.Generator | None) -> torch.Tensor:
+    """log of ``count`` Gamma(shape, 1) draws, float64, by Marsaglia & Tsang (2000).
+
+    torch's own Gamma/Beta samplers take no generator, so seeded runs would depend on global state.
+    Working in log space keeps tiny shapes (α = 0.05 gives U**20) from underflowing to 0/0 in the Beta ratio.
+    """
+    device = _generator_device(generator)
+    boosted = shape < 1.0  # Gamma(a) = Gamma(a + 1) * U**(1/a): the rejection step needs a >= 1
+    a = shape + 1.0 if boosted else shape
+    d = a - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    out = torch.empty(count, dtype=torch.float64, device=device)
+    filled = 0
+    while filled < count:  # a loop over rejection rounds (acceptance > 95 %), not over samples
+        need = count - filled
+        draws = need + need // 8 + 16  # oversample so one round nearly always suffices
+        z = torch.randn(draws, dtype=torch.float64, device=device, generator=generator)
+        u = torch.rand(draws, dtype=torch.float64, device=device, generator=generator)
+        v = (1.0 + c * z) ** 3
+        v_safe = v.clamp_min(1e-300)
+        accept = (v > 0) & (torch.log(u) < 0.5 * z * z + d - d * v_safe + d * torch.log(v_safe))
+        accepted = torch.log(d * v_safe[accept])[:need]
+        out[filled : filled + accepted.numel()] = accepted
+        filled += accepted.numel()
+    if boosted:
+        u = 1.0 - torch.rand(
+            count, dtype=torch.float64, device=device, generator=generator
+        )  # (0, 1]: no log(0)
+        out += torch.log(u) / shape
+    return out
+
+
+def sample_beta(
+    alpha: float,
+    count: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Draw ``count`` values of λ ~ Beta(alpha, alpha) from ``generator``.
+
+    Beta(α, α) = G1 / (G1 + G2) with G1, G2 ~ Gamma(α) = sigmoid(log G1 − log G2).
+
+    Args:
+        alpha: concentration α > 0 (α = 1: uniform; α < 1: λ near 0 or 1; α > 1: λ near 0.5).
+        count: number of draws (>= 0).
+        generator: source of randomness; ``None`` uses torch's default CPU generator.
+        device: where the result goes (default: the generator's device).
+
+    Returns:
+        (count,) float32 in [0, 1].
+    """
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not math.isfinite(alpha)
+        or alpha <= 0
+    ):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"count must be an int >= 0, got {count!r}")
+    log_gamma = _sample_log_gamma(float(alpha), 2 * count, generator)
+    lam = torch.sigmoid(log_gamma[:count] - log_gamma[count:]).to(torch.float32)
+    return lam.to(device) if device is not None else lam
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CutMix boxes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cutmix_boxes(
+    lam: torch.Tensor, height: int, width: int, *, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes to paste from the partner image, as in CutMix (Yun et al. 2019, https://arxiv.org/abs/1905.04899).
+
+    A box of side ``round(H·sqrt(1−λ)) × round(W·sqrt(1−λ))`` is centred on a uniformly drawn pixel and clipped
+    at the border, so its real area can be smaller than 1−λ; the returned λ is corrected to the real share.
+
+    Args:
+        lam: (M,) float, the weight of the original sample, in [0, 1].
+        height, width: image size H, W.
+        generator: draws the centres (on the generator's device).
+
+    Returns:
+        boxes: (M, 4) int64 ``[y0, y1, x0, x1]`` (half-open), on the generator's device.
+        lam: (M,) float32 corrected λ = 1 − box area / (H·W), on the generator's device.
+    """
+    device = _generator_device(generator)
+    lam = lam.to(device=device, dtype=torch.float32).reshape(-1)
+    ratio = torch.sqrt((1.0 - lam).clamp(0.0, 1.0))
+    cut_h = torch.round(height * ratio).long()
+    cut_w = torch.round(width * ratio).long()
+    cy = torch.randint(0, height, lam.shape, device=device, generator=generator)
+    cx = torch.randint(0, width, lam.shape, device=device, generator=generator)
+    y_start = cy - cut_h // 2
+    x_start = cx - cut_w // 2
+    y0, y1 = y_start.clamp(0, height), (y_start + cut_h).clamp(0, height)
+    x0, x1 = x_start.clamp(0, width), (x_start + cut_w).clamp(0, width)
+    area = ((y1 - y0) * (x1 - x0)).to(torch.float32)
+    return torch.stack([y0, y1, x0, x1], dim=1), 1.0 - area / float(height * width)
+
+
+def box_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(M, H, W) bool masks, True inside each half-open box ``[y0, y1, x0, x1]`` of ``boxes`` (M, 4).
+
+    Built by broadcasting index grids, so M boxes cost one pass and no Python loop.
+    """
+    rows = torch.arange(height, device=boxes.device).view(1, height, 1)
+    cols = torch.arange(width, device=boxes.device).view(1, 1, width)
+    y0, y1, x0, x1 = (boxes[:, i].view(-1, 1, 1) for i in range(4))
+    return (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FMix masks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _frequency_scale(height: int, width: int, decay_power: float, device: torch.device) -> torch.Tensor:
+    """1 / f**decay_power on the rfft2 grid (H, W//2+1); f is floored at 1/max(H, W) as in the FMix code."""
+    fy = torch.fft.fftfreq(height, device=device).view(-1, 1)
+    fx = torch.fft.rfftfreq(width, device=device).view(1, -1)
+    freq = torch.sqrt(fy * fy + fx * fx).clamp_min(1.0 / max(height, width))
+    return freq.pow(-decay_power)
+
+
+def sample_fmix_mask(
+    lam: torch.Tensor | float,
+    height: int,
+    width: int,
+    *,
+    decay_power: float = 3.0,
+    max_soft: float = 0.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FMix masks (Harris et al. 2020, https://arxiv.org/abs/2002.12047), one per λ.
+
+    A random field is drawn in Fourier space (complex Gaussian noise scaled by 1/f**decay_power) and brought
+    back with ``irfft2``, giving a smooth low-frequency image. Its ``round((1−λ)·H·W)`` highest pixels come from
+    the partner; ranking by ``argsort`` (batched over M) makes that count exact, unlike a threshold.
+    With ``max_soft > 0`` the ``2·s`` pixels around the cut (s = floor(H·W·min(max_soft, λ, 1−λ))) get a linear
+    ramp instead of a hard edge; the ramp is symmetric, so the partner's share stays exact.
+
+    Args:
+        lam: float or (M,) float, the weight of the original sample, in [0, 1].
+        height, width: mask size H, W (non-square is fine).
+        decay_power: spectrum decay; larger means smoother, blobbier masks (FMix default 3).
+        max_soft: in [0, 0.5); 0 gives binary masks.
+        generator: draws the noise (on the generator's device).
+        device: where the masks are built and returned (default: the generator's device); the noise is drawn on
+            the generator's device and moved there.
+
+    Returns:
+        mask: (M, H, W), the weight of the ORIGINAL sample per pixel: bool (True = original) when
+            ``max_soft == 0``, else float32 in [0, 1].
+        lam: (M,) float32 realised λ = mean of the mask (differs from the request only by rounding to pixels).
+    """
+    if isinstance(decay_power, bool) or not isinstance(decay_power, (int, float)) or not decay_power > 0:
+        raise ValueError(f"decay_power must be a number > 0, got {decay_power!r}")
+    if isinstance(max_soft, bool) or not isinstance(max_soft, (int, float)) or not 0.0 <= max_soft < 0.5:
+        raise ValueError(f"max_soft must be a number in [0, 0.5), got {max_soft!r}")
+    noise_device = _generator_device(generator)
+    device = torch.device(device) if device is not None else noise_device
+    lam = torch.as_tensor(lam, dtype=torch.float32).reshape(-1).to(device)
+    count, pixels = lam.numel(), height * width
+    noise = torch.randn(count, height, width // 2 + 1, 2, device=noise_device, generator=generator)
+    spectrum = torch.view_as_complex(noise.to(device)) * _frequency_scale(height, width, decay_power, device)
+    field = torch.fft.irfft2(spectrum, s=(height, width)).reshape(count, pixels)
+    order = torch.argsort(field, dim=1, descending=True)
+    rank = torch.arange(pixels, device=device, dtype=torch.float32).view(1, -1)
+    n_partner = torch.round((1.0 - lam) * pixels).view(-1, 1)
+    if max_soft == 0.0:
+        partner_sorted = rank < n_partner
+    else:
+        soft = torch.floor(pixels * torch.minimum(lam, 1.0 - lam).clamp(max=max_soft)).view(-1, 1)
+        ramp = ((n_partner + soft - rank - 0.5) / (2.0 * soft).clamp_min(1.0)).clamp(0.0, 1.0)
+        partner_sorted = torch.where(soft > 0, ramp, (rank < n_partner).float())
+    partner = torch.empty_like(partner_sorted).scatter_(1, order, partner_sorted)
+    keep = (~partner if max_soft == 0.0 else 1.0 - partner).view(count, height, width)
+    return keep, keep.float().mean(dim=(1, 2))
