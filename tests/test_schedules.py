@@ -1,0 +1,357 @@
+import io
+import math
+import random
+
+import pytest
+import torch
+from torch.optim import lr_scheduler
+
+from trickbag.schedules import (
+    ScheduleConfig,
+    Scheduler,
+    lr_curve,
+    plot_lr_curve,
+    scheduler_from_config,
+)
+
+
+def make_optimizer(lrs=(0.1,)):
+    groups = [{"params": [torch.zeros(1, requires_grad=True)], "lr": lr} for lr in lrs]
+    return torch.optim.SGD(groups, lr=lrs[0])
+
+
+def torch_lrs_per_epoch(make_torch_scheduler, epochs, lrs=(0.1, 0.03), metrics=None):
+    """LRs of every group at the start of each epoch under a real torch scheduler stepped once per epoch."""
+    optimizer = make_optimizer(lrs)
+    scheduler = make_torch_scheduler(optimizer)
+    out = []
+    for epoch in range(epochs):
+        out.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        if metrics is None:
+            scheduler.step()
+        else:
+            scheduler.step(metrics[epoch])
+    return out
+
+
+def our_lrs_per_epoch(cfg, epochs, steps_per_epoch=3, lrs=(0.1, 0.03), metrics=None):
+    """Same, but with our Scheduler stepped per update; also checks the LR is constant within each epoch."""
+    optimizer = make_optimizer(lrs)
+    scheduler = Scheduler(optimizer, cfg, steps_per_epoch=steps_per_epoch, epochs=epochs)
+    out = []
+    for epoch in range(epochs):
+        first = [group["lr"] for group in optimizer.param_groups]
+        for _ in range(steps_per_epoch):
+            assert [group["lr"] for group in optimizer.param_groups] == first
+            scheduler.step()
+        out.append(first)
+        if metrics is not None:
+            scheduler.observe(metrics[epoch])
+    return out
+
+
+# --- equality with torch's schedulers (interval="epoch", no warmup) ----------------------------------------------
+
+
+@pytest.mark.parametrize("step_size,gamma", [(1, 0.5), (3, 0.1), (7, 0.9)])
+def test_step_equals_torch_step_lr(step_size, gamma):
+    cfg = ScheduleConfig(kind="step", interval="epoch", step_size=step_size, gamma=gamma)
+    expected = torch_lrs_per_epoch(lambda o: lr_scheduler.StepLR(o, step_size, gamma), 40)
+    assert our_lrs_per_epoch(cfg, 40) == expected  # exact, not approximate
+
+
+@pytest.mark.parametrize("milestones", [[5, 10, 30], [3, 3, 8], [1], [12, 4]])
+def test_multistep_equals_torch_multistep_lr(milestones):
+    cfg = ScheduleConfig(kind="multistep", interval="epoch", milestones=milestones, gamma=0.3)
+    expected = torch_lrs_per_epoch(lambda o: lr_scheduler.MultiStepLR(o, milestones, 0.3), 35)
+    assert our_lrs_per_epoch(cfg, 35) == expected
+
+
+@pytest.mark.parametrize("eta_min", [0.0, 0.001])
+def test_cosine_equals_torch_cosine_annealing(eta_min):
+    epochs = 50
+    cfg = ScheduleConfig(kind="cosine", interval="epoch", eta_min=eta_min)
+    expected = torch_lrs_per_epoch(lambda o: lr_scheduler.CosineAnnealingLR(o, epochs, eta_min), epochs)
+    ours = our_lrs_per_epoch(cfg, epochs)
+    # torch uses a recursive formula, we the closed form: they agree to rounding.
+    for row_ours, row_torch in zip(ours, expected):
+        assert row_ours == pytest.approx(row_torch, abs=1e-12, rel=0)
+
+
+@pytest.mark.parametrize("t_0,t_mult,eta_min", [(5, 1, 0.0), (3, 2, 0.001), (2, 3, 0.0), (1, 1, 0.01)])
+def test_cosine_restarts_equals_torch(t_0, t_mult, eta_min):
+    cfg = ScheduleConfig(kind="cosine_restarts", interval="epoch", t_0=t_0, t_mult=t_mult, eta_min=eta_min)
+    expected = torch_lrs_per_epoch(
+        lambda o: lr_scheduler.CosineAnnealingWarmRestarts(o, t_0, t_mult, eta_min), 60
+    )
+    ours = our_lrs_per_epoch(cfg, 60)
+    for row_ours, row_torch in zip(ours, expected):
+        assert row_ours == pytest.approx(row_torch, abs=1e-15, rel=0)
+
+
+def test_linear_equals_torch_linear_lr():
+    cfg = ScheduleConfig(kind="linear", interval="epoch", end_factor=0.25)
+    expected = torch_lrs_per_epoch(lambda o: lr_scheduler.LinearLR(o, 1.0, 0.25, total_iters=20), 25)
+    ours = our_lrs_per_epoch(cfg, 20)
+    for row_ours, row_torch in zip(ours, expected[:20]):
+        assert row_ours == pytest.approx(row_torch, abs=1e-12, rel=0)
+
+
+def noisy_metrics(seed, n, mode):
+    rng = random.Random(seed)
+    trend = (lambda i: 1.0 / (1 + 0.2 * i)) if mode == "min" else (lambda i: 1 - 1.0 / (1 + 0.2 * i))
+    return [trend(i) + rng.gauss(0, 0.05) for i in range(n)]
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+@pytest.mark.parametrize("threshold_mode,threshold", [("rel", 1e-4), ("rel", 0.05), ("abs", 0.02)])
+@pytest.mark.parametrize("patience,cooldown,min_lr", [(0, 0, 0.0), (2, 1, 0.0), (3, 2, 0.004), (1, 0, 0.02)])
+def test_plateau_equals_torch_reduce_on_plateau(mode, threshold_mode, threshold, patience, cooldown, min_lr):
+    epochs = 60
+    metrics = noisy_metrics(len(mode) + 7 * patience + 100 * cooldown + int(1000 * threshold), epochs, mode)
+    options = dict(
+        mode=mode,
+        factor=0.5,
+        patience=patience,
+        threshold=threshold,
+        threshold_mode=threshold_mode,
+        cooldown=cooldown,
+        min_lr=min_lr,
+    )
+    cfg = ScheduleConfig(kind="plateau", interval="epoch", **options)
+    expected = torch_lrs_per_epoch(
+        lambda o: lr_scheduler.ReduceLROnPlateau(o, **options), epochs, metrics=metrics
+    )
+    ours = our_lrs_per_epoch(cfg, epochs, metrics=metrics)
+    assert ours == expected
+    assert ours[-1] != ours[0]  # the sequence really reduced the LR, so the comparison tested something
+
+
+def test_plateau_constant_metric_and_nan_count_as_bad():
+    metrics = [1.0, 1.0, float("nan"), 1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5]
+    cfg = ScheduleConfig(kind="plateau", interval="epoch", patience=1)
+    expected = torch_lrs_per_epoch(
+        lambda o: lr_scheduler.ReduceLROnPlateau(o, patience=1), 10, metrics=metrics
+    )
+    assert our_lrs_per_epoch(cfg, 10, metrics=metrics) == expected
+
+
+# --- interval="update" and warmup: closed-form references ---------------------------------------------------------
+
+
+def test_cosine_per_update_closed_form():
+    cfg = ScheduleConfig(kind="cosine", eta_min=0.01)
+    lrs = lr_curve(cfg, base_lr=0.4, steps_per_epoch=7, epochs=3)
+    total = 21
+    assert len(lrs) == total
+    for step, lr in enumerate(lrs):
+        assert lr == pytest.approx(
+            0.01 + (0.4 - 0.01) * (1 + math.cos(math.pi * step / total)) / 2, abs=1e-15
+        )
+
+
+def test_warmup_per_update_closed_form():
+    cfg = ScheduleConfig(kind="cosine", warmup_steps=5, warmup_start_factor=0.2)
+    lrs = lr_curve(cfg, base_lr=1.0, steps_per_epoch=10, epochs=2)
+    for step, lr in enumerate(lrs):
+        cosine = (1 + math.cos(math.pi * step / 20)) / 2
+        warm = 0.2 + 0.8 * step / 5 if step < 5 else 1.0
+        assert lr == pytest.approx(cosine * warm, abs=1e-15)
+    assert lrs[0] == pytest.approx(0.2)
+
+
+def test_warmup_epochs_converted_to_updates_and_epoch_interval():
+    per_update = lr_curve(
+        ScheduleConfig(kind="constant", warmup_epochs=0.5), base_lr=1.0, steps_per_epoch=8, epochs=2
+    )
+    assert per_update[:4] == pytest.approx([0.1, 0.1 + 0.9 / 4, 0.1 + 0.9 * 2 / 4, 0.1 + 0.9 * 3 / 4])
+    assert per_update[4:] == [1.0] * 12
+    per_epoch = lr_curve(
+        ScheduleConfig(kind="constant", interval="epoch", warmup_epochs=2, warmup_start_factor=0.0),
+        base_lr=1.0,
+        steps_per_epoch=3,
+        epochs=4,
+    )
+    assert per_epoch == [0.0] * 3 + [0.5] * 3 + [1.0] * 6
+
+
+def test_step_and_multistep_in_updates():
+    lrs = lr_curve(
+        ScheduleConfig(kind="step", step_size=1, gamma=0.5), base_lr=1.0, steps_per_epoch=2, epochs=3
+    )
+    assert lrs == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]  # epochs converted to updates: decay every 2 updates
+    lrs = lr_curve(
+        ScheduleConfig(kind="multistep", milestones_steps=[1, 4], gamma=0.5),
+        base_lr=1.0,
+        steps_per_epoch=3,
+        epochs=2,
+    )
+    assert lrs == [1.0, 0.5, 0.5, 0.5, 0.25, 0.25]  # the LR changes within an epoch
+
+
+def test_cosine_restarts_per_update_matches_torch_stepped_per_update():
+    cfg = ScheduleConfig(kind="cosine_restarts", t_0_steps=4, t_mult=2, eta_min=0.0)
+    expected = [
+        row[0]
+        for row in torch_lrs_per_epoch(
+            lambda o: lr_scheduler.CosineAnnealingWarmRestarts(o, 4, 2), 30, lrs=(0.1,)
+        )
+    ]
+    assert lr_curve(cfg, base_lr=0.1, steps_per_epoch=5, epochs=6) == pytest.approx(expected, abs=1e-15)
+
+
+def test_plateau_per_update_with_warmup_reduces_after_observe():
+    cfg = ScheduleConfig(kind="plateau", patience=0, factor=0.5, warmup_steps=2)
+    lrs = lr_curve(cfg, base_lr=1.0, steps_per_epoch=2, epochs=4, metrics=[1.0, 2.0, 3.0])
+    assert lrs == pytest.approx([0.1, 0.55, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25])
+
+
+def test_per_group_base_lrs_respected():
+    optimizer = make_optimizer((1.0, 0.1))
+    scheduler = Scheduler(
+        optimizer, ScheduleConfig(kind="linear", end_factor=0.0), steps_per_epoch=2, epochs=2
+    )
+    scheduler.step()
+    assert scheduler.get_last_lr() == pytest.approx([0.75, 0.075])
+    assert [g["lr"] for g in optimizer.param_groups] == scheduler.get_last_lr()
+    assert scheduler.lr_at(2, group=1) == pytest.approx(0.05)
+    assert scheduler.epoch == 0
+
+
+def test_lr_at_is_pure():
+    scheduler = Scheduler(make_optimizer(), ScheduleConfig(kind="cosine"), steps_per_epoch=5, epochs=2)
+    before = scheduler.lr_at(7)
+    scheduler.step()
+    assert scheduler.lr_at(7) == before
+    assert scheduler.last_step == 1
+
+
+# --- resume --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ScheduleConfig(kind="cosine", warmup_steps=3),
+        ScheduleConfig(kind="plateau", patience=1, cooldown=1, factor=0.5),
+        ScheduleConfig(kind="multistep", milestones=[1, 2], interval="epoch"),
+    ],
+)
+def test_state_dict_round_trip_continues_same_curve(cfg):
+    metrics = [1.0, 0.9, 0.95, 0.99, 1.2, 1.3, 0.1, 0.2]
+
+    def run(optimizer, scheduler, epochs):
+        lrs = []
+        for epoch in epochs:
+            for _ in range(3):
+                lrs.append(scheduler.get_last_lr())
+                scheduler.step()
+            scheduler.observe(metrics[epoch])
+        return lrs
+
+    straight = Scheduler(make_optimizer((0.1, 0.2)), cfg, steps_per_epoch=3, epochs=8)
+    expected = run(None, straight, range(8))
+
+    first = Scheduler(make_optimizer((0.1, 0.2)), cfg, steps_per_epoch=3, epochs=8)
+    head = run(None, first, range(4))
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+
+    optimizer = make_optimizer((0.1, 0.2))
+    resumed = Scheduler(optimizer, cfg, steps_per_epoch=3, epochs=8)
+    resumed.load_state_dict(state)
+    assert [g["lr"] for g in optimizer.param_groups] == first.get_last_lr()
+    assert head + run(None, resumed, range(4, 8)) == expected
+
+
+def test_load_state_dict_rejects_other_kind_and_group_count():
+    state = Scheduler(
+        make_optimizer(), ScheduleConfig(kind="cosine"), steps_per_epoch=1, epochs=2
+    ).state_dict()
+    other = Scheduler(make_optimizer(), ScheduleConfig(kind="constant"), steps_per_epoch=1, epochs=2)
+    with pytest.raises(ValueError, match="kind='cosine'"):
+        other.load_state_dict(state)
+    two_groups = Scheduler(
+        make_optimizer((0.1, 0.2)), ScheduleConfig(kind="cosine"), steps_per_epoch=1, epochs=2
+    )
+    with pytest.raises(ValueError, match="1 param groups"):
+        two_groups.load_state_dict(state)
+
+
+def test_param_group_added_after_construction_is_an_error():
+    optimizer = make_optimizer()
+    scheduler = scheduler_from_config(optimizer, ScheduleConfig(kind="constant"), steps_per_epoch=1, epochs=1)
+    optimizer.add_param_group({"params": [torch.zeros(1, requires_grad=True)]})
+    with pytest.raises(ValueError, match="2 param groups"):
+        scheduler.step()
+
+
+# --- validation ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"kind": "cosine", "milestones": [3]}, r"milestones does not apply to kind='cosine'"),
+        ({"kind": "step", "patience": 3, "step_size": 1}, r"patience does not apply to kind='step'"),
+        ({"kind": "constant", "warmup_epochs": 1, "warmup_steps": 5}, "not both"),
+        ({"kind": "step"}, "exactly one of step_size or step_size_steps"),
+        ({"kind": "step", "step_size": 2, "step_size_steps": 4}, "exactly one of step_size"),
+        ({"kind": "multistep"}, "exactly one of milestones"),
+        ({"kind": "multistep", "milestones": []}, "non-empty"),
+        ({"kind": "multistep", "milestones": [0, 3]}, "numbers > 0"),
+        ({"kind": "cosine_restarts"}, "exactly one of t_0"),
+        (
+            {"kind": "constant", "interval": "epoch", "warmup_steps": 3},
+            "warmup_steps counts optimizer updates",
+        ),
+        ({"kind": "cosin"}, "kind"),
+        ({"kind": "cosine", "warmup_start_factor": 1.5}, "warmup_start_factor"),
+        ({"kind": "plateau", "factor": 1.0}, "factor"),
+        ({"kind": "cosine_restarts", "t_0": 1, "t_mult": 0}, "t_mult"),
+        ({"kind": "cosine", "typo": 1}, "typo"),
+    ],
+)
+def test_config_validation(fields, message):
+    with pytest.raises(ValueError, match=message):
+        ScheduleConfig(**fields)
+
+
+def test_config_reports_all_problems_together():
+    with pytest.raises(ValueError, match=r"eta_min does not apply.*gamma does not apply|gamma.*eta_min"):
+        ScheduleConfig(kind="constant", eta_min=0.1, gamma=0.5)
+
+
+@pytest.mark.parametrize("steps_per_epoch,epochs,message", [(0, 3, "steps_per_epoch"), (2, 0, "epochs")])
+def test_scheduler_argument_validation(steps_per_epoch, epochs, message):
+    with pytest.raises(ValueError, match=message):
+        Scheduler(make_optimizer(), ScheduleConfig(), steps_per_epoch=steps_per_epoch, epochs=epochs)
+
+
+def test_scheduler_type_validation():
+    with pytest.raises(TypeError, match="optimizer must be"):
+        Scheduler(object(), ScheduleConfig(), steps_per_epoch=1, epochs=1)
+    with pytest.raises(TypeError, match="cfg must be a ScheduleConfig"):
+        Scheduler(make_optimizer(), {"kind": "cosine"}, steps_per_epoch=1, epochs=1)
+
+
+def test_lr_curve_validation():
+    with pytest.raises(ValueError, match="metrics only apply"):
+        lr_curve(ScheduleConfig(kind="cosine"), base_lr=0.1, steps_per_epoch=1, epochs=2, metrics=[1.0])
+    with pytest.raises(ValueError, match="only epochs=2"):
+        lr_curve(ScheduleConfig(kind="plateau"), base_lr=0.1, steps_per_epoch=1, epochs=2, metrics=[1.0] * 3)
+    with pytest.raises(ValueError, match="base_lr"):
+        lr_curve(ScheduleConfig(kind="cosine"), base_lr=0.0, steps_per_epoch=1, epochs=2)
+
+
+def test_plot_lr_curve_writes_png(tmp_path):
+    lrs = lr_curve(ScheduleConfig(kind="cosine", warmup_epochs=1), base_lr=0.1, steps_per_epoch=4, epochs=5)
+    path = plot_lr_curve(lrs, tmp_path / "lr.png", steps_per_epoch=4, title="cosine")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="lrs is empty"):
+        plot_lr_curve([], tmp_path / "empty.png")
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        plot_lr_curve(lrs, tmp_path / "x.png", steps_per_epoch=0)
