@@ -14,6 +14,13 @@ from trickbag.metrics.classification import (
     recall,
     roc_auc,
 )
+from trickbag.metrics.regression import (
+    RegressionMetrics,
+    mean_absolute_error,
+    mean_squared_error,
+    r2_score,
+    root_mean_squared_error,
+)
 
 __all__ = [
     "UndefinedMetricWarning",
@@ -24,4 +31,9 @@ __all__ = [
     "precision",
     "recall",
     "roc_auc",
+    "RegressionMetrics",
+    "mean_absolute_error",
+    "mean_squared_error",
+    "r2_score",
+    "root_mean_squared_error",
 ]
