@@ -1,0 +1,245 @@
+"""Optimizers: parameter groups without weight decay on biases/norms, linear LR scaling, one builder.
+
+The config stores the learning rate **per ``ref_batch_size`` images** (airbench's "lr per 1024 examples"), and
+:func:`scale_lr` is the only place that converts it to the LR of the run's effective batch size.
+
+References:
+    Goyal et al. 2017, "Accurate, Large Minibatch SGD" (linear scaling rule), https://arxiv.org/abs/1706.02677
+    He et al. 2019, "Bag of Tricks for Image Classification" (no bias decay), https://arxiv.org/abs/1812.01187
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+OPTIMIZER_NAMES = ("sgd", "adamw", "adam", "rmsprop")
+IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
+# Optimizers that have a fused kernel in torch>=2.3 (RMSprop has none).
+_FUSED_CAPABLE = ("sgd", "adamw", "adam")
+
+# BatchNorm*, SyncBatchNorm and InstanceNorm* all derive from _NormBase; RMSNorm exists from torch 2.4.
+_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameter groups and LR scaling
+
+
+def param_groups(model: nn.Module, weight_decay: float, *, no_decay_bias_norm: bool = True) -> list[dict]:
+    """Split a model's trainable parameters into a weight-decay group and a no-decay group.
+
+    Biases, the weights of normalization layers and every other parameter with ``ndim <= 1`` get no weight
+    decay (decaying a BatchNorm scale or a bias only fights the normalization; nanoGPT uses the same
+    ``dim() < 2`` rule). Each trainable parameter appears exactly once, even when tied to several modules;
+    frozen parameters (``requires_grad=False``) are left out.
+
+    Args:
+        model: any ``nn.Module``.
+        weight_decay: decay of the "decay" group, ``>= 0``.
+        no_decay_bias_norm: False puts every parameter into one "decay" group.
+    Returns:
+        Param-group dicts ``{"name": "decay" | "no_decay", "params": [...], "weight_decay": float}`` in model
+        order, empty groups omitted; pass them to any ``torch.optim`` optimizer.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_nonnegative("weight_decay", weight_decay)
+
+    # A parameter shared by a norm layer and another layer counts as a norm parameter wherever it is seen.
+    norm_param_ids = set()
+    for module in model.modules():
+        if isinstance(module, _NORM_TYPES):
+            norm_param_ids.update(id(p) for p in module.parameters(recurse=False))
+
+    decay, no_decay = [], []
+    # named_parameters() yields a tied parameter once (remove_duplicate=True), under its first name.
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        is_exempt = parameter.ndim <= 1 or name.endswith("bias") or id(parameter) in norm_param_ids
+        (no_decay if no_decay_bias_norm and is_exempt else decay).append(parameter)
+
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": float(weight_decay)},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def scale_lr(base_lr: float, batch_size: int, *, base_batch_size: int = 256) -> float:
+    """Linear scaling rule: ``base_lr * batch_size / base_batch_size`` (0.1 per 256 images -> 0.4 at 1024).
+
+    Args:
+        base_lr: learning rate that suits a batch of ``base_batch_size`` images, ``> 0``.
+        batch_size: the EFFECTIVE batch size of one optimizer update = per-step (micro-)batch size x gradient
+            accumulation steps x data-parallel world size.
+        base_batch_size: the batch size ``base_lr`` refers to.
+    """
+    if not base_lr > 0:
+        raise ValueError(f"base_lr must be > 0, got {base_lr}")
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("base_batch_size", base_batch_size)
+    return base_lr * batch_size / base_batch_size
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer construction
+
+
+def build_optimizer(
+    name: str,
+    params: Iterable[torch.Tensor] | Iterable[dict],
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    implementation: Literal["auto", "fused", "foreach", "for_loop"] = "auto",
+) -> torch.optim.Optimizer:
+    """Build one of ``sgd`` (momentum, Nesterov), ``adamw``, ``adam``, ``rmsprop``.
+
+    Args:
+        name: optimizer name, see ``OPTIMIZER_NAMES``.
+        params: tensors, or param-group dicts such as :func:`param_groups` returns (a group's own
+            ``weight_decay`` overrides the argument).
+        lr: learning rate of the effective batch (already scaled, see :func:`scale_lr`).
+        momentum: SGD and RMSprop momentum (Adam uses ``betas``).
+        nesterov: SGD only; needs ``momentum > 0``.
+        implementation: "auto" picks the fused kernel where PyTorch has one for the parameters' device and
+            dtype (CUDA floating-point tensors), else the multi-tensor "foreach" path on devices with foreach
+            kernels, else the plain for-loop (what PyTorch itself does on CPU).
+    """
+    if name not in OPTIMIZER_NAMES:
+        raise ValueError(f"optimizer name {name!r} is not one of {list(OPTIMIZER_NAMES)}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation {implementation!r} is not one of {list(IMPLEMENTATIONS)}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    _check_nonnegative("weight_decay", weight_decay)
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if nesterov and (name != "sgd" or momentum == 0):
+        raise ValueError(
+            f"nesterov=True needs name='sgd' and momentum > 0, got name={name!r}, momentum={momentum}"
+        )
+    if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+
+    params = list(params)
+    if implementation == "fused" and name not in _FUSED_CAPABLE:
+        raise ValueError(
+            f"implementation='fused' is not available for {name!r}; use one of {list(_FUSED_CAPABLE)}"
+        )
+    chosen = choose_implementation(name, _tensors_of(params)) if implementation == "auto" else implementation
+    # torch refuses foreach=True together with fused=True, so pass exactly one of them.
+    flags: dict[str, bool] = {"fused": True} if chosen == "fused" else {"foreach": chosen == "foreach"}
+
+    if name == "sgd":
+        return torch.optim.SGD(
+            params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, **flags
+        )
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **flags)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **flags)
+    return torch.optim.RMSprop(params, lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, **flags)
+
+
+def choose_implementation(name: str, tensors: list[torch.Tensor]) -> str:
+    """What ``implementation="auto"`` resolves to: "fused", "foreach" or "for_loop" (see build_optimizer)."""
+    if not tensors:
+        return "for_loop"
+    device_types = {tensor.device.type for tensor in tensors}
+    all_float = all(torch.is_floating_point(tensor) for tensor in tensors)
+    if name in _FUSED_CAPABLE and device_types == {"cuda"} and all_float:
+        return "fused"
+    # CPU has no multi-tensor kernels: foreach there is a Python loop in disguise, so PyTorch defaults to the
+    # for-loop too. CUDA/XPU (and a few others) have real foreach kernels.
+    foreach_devices = set(torch.utils._foreach_utils._get_foreach_kernels_supported_devices())
+    if device_types <= foreach_devices and "cpu" not in device_types:
+        return "foreach"
+    return "for_loop"
+
+
+def _tensors_of(params: list) -> list[torch.Tensor]:
+    if params and isinstance(params[0], dict):
+        return [p for group in params for p in group["params"]]
+    return params
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+
+
+class OptimizerConfig(BaseModel):
+    """The ``optimizer:`` section. ``lr`` is the learning rate per ``ref_batch_size`` images."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["sgd", "adamw", "adam", "rmsprop"] = "sgd"
+    lr: float = Field(0.1, gt=0.0)  # per ref_batch_size images; scaled to the effective batch when scale_lr
+    ref_batch_size: int = Field(256, gt=0)
+    scale_lr: bool = True
+    weight_decay: float = Field(5e-4, ge=0.0)
+    no_decay_bias_norm: bool = True
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    implementation: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(f"betas must both be in [0, 1), got {list(betas)}")
+        return betas
+
+
+def optimizer_from_config(
+    model: nn.Module, cfg: OptimizerConfig, effective_batch_size: int
+) -> torch.optim.Optimizer:
+    """Build the optimizer of ``cfg`` for ``model``; ``cfg.lr`` is scaled to ``effective_batch_size`` when
+    ``cfg.scale_lr`` (effective = micro-batch x accumulation steps x world size)."""
+    if not isinstance(cfg, OptimizerConfig):
+        raise TypeError(f"cfg must be an OptimizerConfig, got {type(cfg).__name__}")
+    _check_positive_int("effective_batch_size", effective_batch_size)
+    lr = (
+        scale_lr(cfg.lr, effective_batch_size, base_batch_size=cfg.ref_batch_size) if cfg.scale_lr else cfg.lr
+    )
+    groups = param_groups(model, cfg.weight_decay, no_decay_bias_norm=cfg.no_decay_bias_norm)
+    return build_optimizer(
+        cfg.name,
+        groups,
+        lr=lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        implementation=cfg.implementation,
+    )
+
+
+def _check_nonnegative(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be an int > 0, got {value!r}")
