@@ -1,0 +1,89 @@
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from trickbag.init import last_bn_of_block, zero_init_residual_bn
+
+
+def make_block_class(class_name, module_path, bn_names):
+    """A tiny class named and placed like torchvision's / timm's blocks, without importing them."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        for name in bn_names:
+            setattr(self, name, nn.BatchNorm2d(2))
+
+    return type(class_name, (nn.Module,), {"__init__": __init__, "__module__": module_path})
+
+
+TVBasic = make_block_class("BasicBlock", "torchvision.models.resnet", ["bn1", "bn2"])
+TVBottleneck = make_block_class("Bottleneck", "torchvision.models.resnet", ["bn1", "bn2", "bn3"])
+TimmBasic = make_block_class("BasicBlock", "timm.models.resnet", ["bn1", "bn2"])
+TimmBottleneck = make_block_class("Bottleneck", "timm.models.resnet", ["bn1", "bn2", "bn3"])
+ForeignBasic = make_block_class("BasicBlock", "someone.else", ["bn1", "bn2"])
+
+
+class OwnBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn_a = nn.BatchNorm2d(2)
+        self.bn_b = nn.BatchNorm2d(2)
+        self.last_bn = self.bn_b
+
+
+def gammas(model):
+    return {
+        name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
+    }
+
+
+def test_zero_init_touches_exactly_the_last_bn_of_each_block():
+    model = nn.Sequential(
+        TVBasic(), TVBottleneck(), TimmBasic(), TimmBottleneck(), OwnBlock(), ForeignBasic()
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert zero_init_residual_bn(model) == 5
+    zeroed = {name for name, gamma in gammas(model).items() if torch.all(gamma == 0)}
+    assert zeroed == {"0.bn2", "1.bn3", "2.bn2", "3.bn3", "4.bn_b"}
+    # the rest keep gamma = 1 and biases are never touched
+    for name, gamma in gammas(model).items():
+        if name not in zeroed:
+            assert torch.all(gamma == 1), name
+    assert all(torch.all(m.bias == 0) for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_zero_init_makes_residual_branch_output_zero():
+    block = OwnBlock()
+    zero_init_residual_bn(block)
+    x = torch.randn(3, 2, 4, 4)
+    assert torch.equal(block.last_bn(x), torch.zeros_like(x))
+
+
+def test_last_bn_that_is_not_batchnorm_is_ignored():
+    block = nn.Module()
+    block.last_bn = nn.LayerNorm(2)
+    assert last_bn_of_block(block) is None
+    no_affine = nn.Module()
+    no_affine.last_bn = nn.BatchNorm2d(2, affine=False)
+    assert last_bn_of_block(no_affine) is None
+
+
+def test_shared_bn_counted_once():
+    first, second = OwnBlock(), OwnBlock()
+    second.last_bn = first.last_bn
+    assert zero_init_residual_bn(nn.Sequential(first, second)) == 1
+
+
+def test_warns_when_no_block():
+    with pytest.warns(UserWarning, match="found no residual block in Sequential"):
+        assert (
+            zero_init_residual_bn(nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2), ForeignBasic())) == 0
+        )
+
+
+def test_rejects_non_module():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got list"):
+        zero_init_residual_bn([nn.BatchNorm2d(2)])
