@@ -1,0 +1,517 @@
+"""``trickbag train | eval | predict | resume | report``: the product's commands.
+
+Nothing heavy is imported at module level (``trickbag --help`` stays fast); the handlers import torch and the
+rest of trickbag when they run. The wiring from a config to the trainer's parts lives in ``build_run`` so a
+Python user can reuse it and still call ``trickbag.train.fit`` themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TRAIN_EPILOG = """examples:
+  trickbag train recipes/digits.yaml                         the embedded default (sklearn digits, ~1 min on CPU)
+  trickbag train recipes/digits.yaml epochs=3 optimizer.lr=0.2 name=quick
+  trickbag train recipes/cifar10_fast.yaml data.root=/data/cifar10 precision=bf16
+  trickbag train --resume runs/digits-001                    same as `trickbag resume runs/digits-001`
+
+A run folder runs/<name>-NNN/ gets config.yaml, train.log, metrics.csv and the checkpoints
+last/, best_loss/ and best_metric/ (symlinks to folders named with epoch and value).
+"""
+EVAL_EPILOG = """examples:
+  trickbag eval runs/digits-001/best_metric                  the run's own evaluation set
+  trickbag eval runs/digits-001 --data /data/cifar10/test    an image folder with one subfolder per class
+"""
+PREDICT_EPILOG = """examples:
+  trickbag predict runs/digits-001/best_metric images/ --out predictions.csv
+  trickbag predict runs/cifar-003/best_loss a.jpg b.png --out p.csv --flip-tta
+
+CSV columns: path,label,predicted,p_<class>... (label: the class subfolder name when it is a known class).
+"""
+RESUME_EPILOG = """examples:
+  trickbag resume runs/digits-001        continue from runs/digits-001/last (bit-exact on CPU when deterministic)
+"""
+REPORT_EPILOG = """examples:
+  trickbag report runs/digits-001        writes runs/digits-001/report.png and report.html
+"""
+
+
+def register(subparsers) -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    train = subparsers.add_parser(
+        "train",
+        help="train a classifier from a YAML config",
+        formatter_class=formatter,
+        epilog=TRAIN_EPILOG,
+        description="Train a classifier from a YAML config, with key.sub=value overrides.",
+    )
+    train.add_argument("config", nargs="?", help="YAML config (e.g. recipes/digits.yaml)")
+    train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. epochs=5 optimizer.lr=0.2")
+    train.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
+    )
+    train.add_argument("--quiet", action="store_true", help="no console output except the final summary")
+    train.set_defaults(func=handle_train)
+
+    evaluate = subparsers.add_parser(
+        "eval",
+        help="evaluate a checkpoint",
+        formatter_class=formatter,
+        epilog=EVAL_EPILOG,
+        description="Evaluate a checkpoint (folder, run_dir/best_metric, or a run folder) and print its metrics.",
+    )
+    evaluate.add_argument("checkpoint", help="checkpoint folder or run folder (uses its best_metric)")
+    evaluate.add_argument("--data", help="image folder with class subfolders (default: the run's eval set)")
+    evaluate.add_argument("--flip-tta", action="store_true", help="average predictions with mirrored images")
+    evaluate.set_defaults(func=handle_eval)
+
+    predict = subparsers.add_parser(
+        "predict",
+        help="write class probabilities for images",
+        formatter_class=formatter,
+        epilog=PREDICT_EPILOG,
+        description="Predict classes of images (files or folders, searched recursively) into a CSV file.",
+    )
+    predict.add_argument("checkpoint", help="checkpoint folder or run folder (uses its best_metric)")
+    predict.add_argument("images", nargs="+", help="image files and/or folders")
+    predict.add_argument("--out", required=True, help="CSV file to write")
+    predict.add_argument("--flip-tta", action="store_true", help="average predictions with mirrored images")
+    predict.add_argument("--batch-size", type=int, default=256)
+    predict.set_defaults(func=handle_predict)
+
+    resume = subparsers.add_parser(
+        "resume",
+        help="continue a stopped run",
+        formatter_class=formatter,
+        epilog=RESUME_EPILOG,
+        description="Continue a run from its last checkpoint with the run's saved config.",
+    )
+    resume.add_argument("run_dir")
+    resume.add_argument("--quiet", action="store_true")
+    resume.set_defaults(
+        func=lambda args: handle_train(
+            argparse.Namespace(config=None, overrides=[], resume=args.run_dir, quiet=args.quiet)
+        )
+    )
+
+    report = subparsers.add_parser(
+        "report",
+        help="plot curves, confusion matrix, per-class F1",
+        formatter_class=formatter,
+        epilog=REPORT_EPILOG,
+        description="Write report.png and a self-contained report.html into a run folder.",
+    )
+    report.add_argument("run_dir")
+    report.set_defaults(func=handle_report)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Wiring: config -> data, model, parts
+
+
+@dataclass
+class Run:
+    cfg: Any
+    run_dir: Path
+    model: Any
+    loaders: Any
+    parts: Any
+    classes: list[str]
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available; use device=cpu or device=auto")
+    return device
+
+
+def load_datasets(cfg):
+    """(train, val) ImageSets of the config's data section."""
+    from trickbag import data
+
+    section = cfg.data
+    test = None
+    if section.kind == "digits":
+        train, test = data.load_digits()
+    elif section.kind == "image_folder":
+        if section.root is None:
+            raise ValueError("data.root is required for data.kind=image_folder")
+        root = Path(section.root)
+        options = {
+            "cache_dir": section.cache_dir,
+            "skip_bad_images": section.skip_bad_images,
+            "num_workers": section.num_workers,
+        }
+        train = data.load_image_folder(root / section.train_dir, **options)
+        if (root / section.test_dir).is_dir():
+            test = data.load_image_folder(root / section.test_dir, **options)
+    else:
+        if section.csv is None:
+            raise ValueError("data.csv is required for data.kind=csv")
+        train = data.load_csv(section.csv, root=section.root)
+    if section.val_fraction > 0:
+        return data.split_validation(train, section.val_fraction, cfg.seed)
+    if test is None:
+        raise ValueError(f"data.kind={section.kind} has no test set here: set data.val_fraction (e.g. 0.1)")
+    return train, test
+
+
+def build_model_for(cfg, num_classes: int, in_channels: int, device):
+    import torch
+
+    from trickbag.models import build_model
+
+    model = build_model(cfg.model.name, num_classes, in_channels=in_channels, **cfg.model.options)
+    if cfg.model.zero_init_residual_bn:
+        from trickbag.init import zero_init_residual_bn
+
+        zero_init_residual_bn(model)
+    model = model.to(device)
+    if cfg.data.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
+    """Data, model and trainer parts for ``cfg``; resolves ``eval.best_metric: auto`` from the training labels."""
+    import torch
+
+    from trickbag import data
+    from trickbag.checkpoint import Checkpointer
+    from trickbag.config import config_to_yaml
+    from trickbag.losses import class_weights
+    from trickbag.metrics import ClassificationMetrics
+    from trickbag.optim import optimizer_from_config
+    from trickbag.precision import Precision
+    from trickbag.report import RunLogger
+    from trickbag.schedules import scheduler_from_config
+    from trickbag.train import Loaders, Parts, make_loss
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    logger = RunLogger(run_dir, tensorboard=cfg.logging.tensorboard, quiet=quiet)
+    device = resolve_device(cfg.device)
+    train_set, val_set = load_datasets(cfg)
+    classes, num_classes = list(train_set.classes), len(train_set.classes)
+    counts = torch.bincount(train_set.labels, minlength=num_classes)
+    advice = _advice(train_set.labels, classes)
+    if cfg.eval.best_metric == "auto":
+        cfg.eval.best_metric = advice["best_metric"]
+    if advice["imbalance_ratio"] >= 10 and cfg.loss.class_weights == "none":
+        logger.info(
+            f"class imbalance {advice['imbalance_ratio']:.1f}:1 - consider loss.class_weights=effective_number"
+        )
+    mean, std = data.channel_stats(train_set.images)
+    torch.manual_seed(cfg.seed)  # model initialisation and dropout draw from torch's global generator
+    model = build_model_for(cfg, num_classes, train_set.images.shape[1], device)
+    common = {"device": device, "mean": mean, "std": std, "channels_last": cfg.data.channels_last}
+    train_loader = data.BatchLoader(
+        train_set.images,
+        train_set.labels,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=len(train_set) >= cfg.batch_size,
+        seed=cfg.seed,
+        crop_padding=cfg.data.crop_padding,
+        flip=cfg.data.flip,
+        **common,
+    )
+    val_loader = data.BatchLoader.for_eval(
+        val_set.images, val_set.labels, batch_size=max(cfg.batch_size, 256), **common
+    )
+    optimizer = optimizer_from_config(model, cfg.optimizer, cfg.effective_batch_size)
+    updates_per_epoch = math.ceil(len(train_loader) / cfg.accumulate)
+    scheduler = scheduler_from_config(
+        optimizer, cfg.schedule, steps_per_epoch=updates_per_epoch, epochs=cfg.epochs
+    )
+    weight = None
+    if cfg.loss.class_weights != "none":
+        weight = class_weights(counts, method=cfg.loss.class_weights, beta=cfg.loss.beta).to(device)
+    loss_fn = make_loss(
+        cfg.loss.kind,
+        num_classes=num_classes,
+        label_smoothing=cfg.loss.label_smoothing,
+        smoothing_style=cfg.loss.smoothing_style,
+        focal_gamma=cfg.loss.focal_gamma,
+        weight=weight,
+    )
+    mixer = None
+    if cfg.mixing.enabled:
+        from trickbag.mixing import BatchMixer
+
+        m = cfg.mixing
+        mixer = BatchMixer(
+            num_classes=num_classes,
+            mixup_alpha=m.mixup_alpha,
+            cutmix_alpha=m.cutmix_alpha,
+            fmix_alpha=m.fmix_alpha,
+            prob=m.prob,
+            mode=m.mode,
+            label_smoothing=cfg.loss.label_smoothing,
+            smoothing_style=cfg.loss.smoothing_style,
+            off_epoch=m.off_epoch,
+            seed=cfg.seed,
+        )
+    ema = None
+    if cfg.train.ema_decay is not None:
+        from trickbag.ema import ModelEMA
+
+        ema = ModelEMA(model, cfg.train.ema_decay)
+    teacher = load_model(cfg.distill.teacher, device)[0].eval() if cfg.distill.teacher else None
+    meta = {
+        "config": cfg.model_dump(mode="json"),
+        "classes": classes,
+        "image_shape": list(train_set.images.shape[1:]),
+        "mean": mean,
+        "std": std,
+    }
+    (run_dir / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
+    logger.info(
+        f"run {run_dir}: {len(train_set)} train / {len(val_set)} eval images, {num_classes} classes, "
+        f"model {cfg.model.name}, device {device}, best metric {cfg.eval.best_metric}"
+    )
+    parts = Parts(
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        precision=Precision(cfg.precision, device),
+        metrics=ClassificationMetrics(num_classes, class_names=classes, zero_division=0.0),
+        mixer=mixer,
+        ema=ema,
+        teacher=teacher,
+        checkpointer=Checkpointer(run_dir, meta),
+        logger=logger,
+    )
+    return Run(cfg, run_dir, model, Loaders(train_loader, val_loader), parts, classes)
+
+
+def _advice(labels, classes) -> dict[str, Any]:
+    """best_metric and imbalance ratio from trickbag.metrics.advise (falls back to counting when absent)."""
+    try:
+        from trickbag.metrics.advice import advise
+    except ImportError:
+        advise = None
+    if advise is not None:
+        advice = advise(labels, class_names=classes)
+        return {"best_metric": advice.best_metric, "imbalance_ratio": float(advice.imbalance_ratio)}
+    import torch
+
+    counts = torch.bincount(labels, minlength=len(classes)).float()
+    ratio = float(counts.max() / counts.clamp(min=1).min())
+    return {"best_metric": "macro_f1" if ratio >= 1.5 else "accuracy", "imbalance_ratio": ratio}
+
+
+def new_run_dir(output_dir: str, name: str) -> Path:
+    """``output_dir/name-NNN`` with the next free number (created atomically with mkdir)."""
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name.rsplit("-", 1)[1]) for p in root.glob(f"{name}-[0-9][0-9][0-9]") if p.is_dir()]
+    number = max(taken, default=0) + 1
+    while True:
+        path = root / f"{name}-{number:03d}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            number += 1
+
+
+def load_model(checkpoint: str | Path, device):
+    """(model in eval mode, Checkpoint) from a checkpoint path; the model is rebuilt from the stored config."""
+    from trickbag.checkpoint import load_checkpoint
+    from trickbag.config import config_from_dict
+
+    ckpt = load_checkpoint(checkpoint, with_state=False)
+    cfg = config_from_dict(ckpt.meta["config"], str(ckpt.path / "meta.json"))
+    model = build_model_for(cfg, len(ckpt.meta["classes"]), ckpt.meta["image_shape"][0], device)
+    model.load_state_dict(ckpt.weights)
+    return model.eval(), ckpt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Handlers
+
+
+def handle_train(args) -> int:
+    from trickbag.checkpoint import load_checkpoint
+    from trickbag.config import load_config
+    from trickbag.train import fit, restore_training_state
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
+        if args.config or args.overrides:
+            raise ValueError("--resume takes no CONFIG or overrides: the run's own config.yaml is used")
+        cfg = load_config(run_dir / "config.yaml")
+        run = build_run(cfg, run_dir, quiet=args.quiet)
+        last = run.parts.checkpointer.latest("last")
+        state = None
+        if last is None:
+            run.parts.logger.info("no `last` checkpoint yet: starting the run from the beginning")
+        else:
+            ckpt = load_checkpoint(last, default_kind="last")
+            run.model.load_state_dict(ckpt.weights)
+            state = restore_training_state(ckpt.state, run.loaders, run.parts)
+            run.parts.logger.info(f"resumed from {last.name} (epoch {state.epoch} of {cfg.epochs})")
+    else:
+        if not args.config:
+            raise ValueError(
+                "trickbag train needs a CONFIG file (e.g. recipes/digits.yaml) or --resume RUN_DIR"
+            )
+        cfg = load_config(args.config, args.overrides)
+        run_dir = new_run_dir(cfg.output_dir, cfg.name)
+        run = build_run(cfg, run_dir, quiet=args.quiet)
+        state = None
+    state = fit(run.model, run.loaders, run.parts, run.cfg, state)
+    run.parts.logger.close()
+    print_summary(run, state)
+    return 0
+
+
+def print_summary(run: Run, state) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"trickbag run {run.run_dir}")
+    table.add_column("checkpoint")
+    table.add_column("epoch", justify="right")
+    metric = run.cfg.eval.best_metric
+    keys = list(dict.fromkeys(["val_loss", metric, "accuracy", "macro_f1", "balanced_accuracy"]))
+    for key in keys:
+        table.add_column(key, justify="right")
+    table.add_column("path")
+    for kind in ("best_metric", "best_loss", "last"):
+        target = run.parts.checkpointer.latest(kind)
+        epoch = {"best_metric": state.best_metric_epoch, "best_loss": state.best_loss_epoch}.get(
+            kind, state.epoch
+        )
+        row = state.history[epoch - 1] if 0 < epoch <= len(state.history) else {}
+        cells = [f"{row[key]:.4f}" if isinstance(row.get(key), float) else "-" for key in keys]
+        table.add_row(kind, str(epoch), *cells, str(run.run_dir / kind) if target else "-")
+    console = Console()
+    console.print(table)
+    if state.stopped_early:
+        console.print(f"stopped early after epoch {state.epoch}")
+
+
+def handle_eval(args) -> int:
+    import torch
+
+    from trickbag import data
+    from trickbag.train import evaluate, make_loss
+
+    device = resolve_device("auto")
+    model, ckpt = load_model(args.checkpoint, device)
+    classes = ckpt.meta["classes"]
+    if args.data:
+        imageset = data.load_image_folder(args.data)
+        _check_classes(imageset.classes, classes, args.data)
+        images, labels = (
+            imageset.images,
+            torch.tensor([classes.index(imageset.classes[i]) for i in imageset.labels.tolist()]),
+        )
+    else:
+        from trickbag.config import config_from_dict
+
+        _, val_set = load_datasets(config_from_dict(ckpt.meta["config"]))
+        images, labels = val_set.images, val_set.labels
+    from trickbag.metrics import ClassificationMetrics
+
+    loader = data.BatchLoader.for_eval(
+        images, labels, batch_size=256, device=device, mean=ckpt.meta["mean"], std=ckpt.meta["std"]
+    )
+    metrics = ClassificationMetrics(len(classes), class_names=classes, zero_division=0.0)
+    scores = evaluate(model, loader, make_loss(num_classes=len(classes)), metrics, flip_tta=args.flip_tta)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{ckpt.path} on {args.data or 'its evaluation set'} ({len(labels)} images)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in scores.items():
+        table.add_row(key, f"{value:.4f}")
+    Console().print(table)
+    return 0
+
+
+def _check_classes(found: list[str], known: list[str], where: str) -> None:
+    unknown = [name for name in found if name not in known]
+    if unknown:
+        raise ValueError(f"{where}: class folders {unknown} are not classes of the checkpoint {known}")
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def handle_predict(args) -> int:
+    import csv
+
+    import torch
+
+    from trickbag import data
+    from trickbag.train import flip_tta_logits
+
+    device = resolve_device("auto")
+    model, ckpt = load_model(args.checkpoint, device)
+    classes = ckpt.meta["classes"]
+    paths, labels = [], []
+    for item in args.images:
+        item = Path(item)
+        if item.is_dir():
+            for file in sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+                paths.append(file)
+                labels.append(file.parent.name if file.parent != item and file.parent.name in classes else "")
+        elif item.is_file():
+            paths.append(item)
+            labels.append("")
+        else:
+            raise FileNotFoundError(f"image or folder not found: {item}")
+    if not paths:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {args.images}")
+    channels, height, width = ckpt.meta["image_shape"]
+    images = data.load_images([str(p) for p in paths], size=(height, width))
+    if images.shape[1] != channels:  # greyscale model fed colour files or the reverse
+        images = (
+            images.float().mean(1, keepdim=True).round().to(torch.uint8)
+            if channels == 1
+            else images.expand(-1, channels, -1, -1)
+        )
+    loader = data.BatchLoader.for_eval(
+        images, None, batch_size=args.batch_size, device=device, mean=ckpt.meta["mean"], std=ckpt.meta["std"]
+    )
+    probabilities = []
+    with torch.inference_mode():
+        for x, _ in loader:
+            logits = flip_tta_logits(model, x) if args.flip_tta else model(x).float()
+            probabilities.append(logits.softmax(1).cpu())
+    probs = torch.cat(probabilities)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "predicted", *(f"p_{name}" for name in classes)])
+        for path, label, row in zip(paths, labels, probs.tolist()):
+            predicted = classes[max(range(len(row)), key=row.__getitem__)]
+            writer.writerow([str(path), label, predicted, *(f"{p:.6f}" for p in row)])
+    print(f"wrote {len(paths)} predictions to {out}")
+    return 0
+
+
+def handle_report(args) -> int:
+    from trickbag.report import write_report
+
+    png, page = write_report(args.run_dir)
+    print(f"wrote {png} and {page}")
+    return 0

@@ -1,0 +1,279 @@
+"""Typed run configuration: one YAML file plus ``key.sub=value`` overrides.
+
+Every section is a pydantic model with ``extra="forbid"``, so a typo is an error instead of a silently ignored
+key, and every default lives exactly once, here (the optimizer and schedule sections are owned by
+``trickbag.optim`` and ``trickbag.schedules``). ``load_config`` collects *all* problems of a file and reports them
+together, each naming the file, the key path and the value, e.g.::
+
+    run.yaml: schedule.kind='cosin' not in {'constant', 'step', 'cosine', 'plateau'}
+    run.yaml: unknown key 'optimiser' (did you mean 'optimizer'?)
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from trickbag.optim import OptimizerConfig
+from trickbag.schedules import ScheduleConfig
+
+
+class ConfigError(ValueError):
+    """One or more problems in a config file; the message lists all of them, one per line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    kind: Literal["digits", "image_folder", "csv"] = "digits"
+    root: str | None = None  # image_folder: holds train_dir/ and test_dir/; csv: paths are relative to it
+    train_dir: str = "train"
+    test_dir: str = (
+        "test"  # missing test_dir (or csv) -> a seeded split of val_fraction is used for evaluation
+    )
+    val_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0
+    )  # > 0: evaluate on a stratified split of the training set
+    csv: str | None = None  # csv kind: file with columns path,label
+    cache_dir: str | None = None
+    skip_bad_images: bool = False
+    crop_padding: int = Field(0, ge=0)  # random crop after zero padding of this many pixels
+    flip: bool = False  # random horizontal flip
+    channels_last: bool = False
+    num_workers: int | None = Field(None, ge=1)
+
+
+class ModelConfig(_Section):
+    name: str = "digits_cnn"
+    options: dict[str, Any] = Field(
+        default_factory=dict
+    )  # passed to trickbag.models.build_model, checked there
+    zero_init_residual_bn: bool = False
+
+
+class LossConfig(_Section):
+    kind: Literal["ce", "focal"] = "ce"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    smoothing_style: str = "uniform"  # checked by trickbag.losses.smooth_labels
+    focal_gamma: float = Field(2.0, ge=0.0)
+    class_weights: Literal["none", "effective_number", "inverse_frequency"] = "none"
+    beta: float = Field(0.999, ge=0.0, lt=1.0)  # effective-number beta (Cui et al. 2019)
+
+
+class MixingConfig(_Section):
+    mixup_alpha: float = Field(0.0, ge=0.0)
+    cutmix_alpha: float = Field(0.0, ge=0.0)
+    fmix_alpha: float = Field(0.0, ge=0.0)
+    prob: float = Field(1.0, ge=0.0, le=1.0)
+    mode: str = "batch"  # checked by trickbag.mixing.BatchMixer
+    off_epoch: int | None = Field(None, ge=0)  # mixing switched off from this epoch on (0-based)
+
+    @property
+    def enabled(self) -> bool:
+        return self.prob > 0 and max(self.mixup_alpha, self.cutmix_alpha, self.fmix_alpha) > 0
+
+
+class TrainConfig(_Section):
+    clip_grad_norm: float | None = Field(None, gt=0.0)
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)  # None: no EMA of weights
+    log_every: int = Field(50, ge=1)  # running loss printed every this many optimizer updates
+    eval_every_epochs: int = Field(1, ge=1)
+    nan_policy: Literal["stop", "skip"] = "stop"
+
+
+class EvalConfig(_Section):
+    flip_tta: bool = False
+    best_metric: str = (
+        "auto"  # "auto": accuracy on balanced data, macro_f1 on imbalanced (trickbag.metrics.advise)
+    )
+    mode: Literal["auto", "max", "min"] = "auto"
+
+
+class EarlyStoppingConfig(_Section):
+    enabled: bool = False
+    monitor: str = "best_metric"  # "best_metric", "val_loss" or a metric name
+    patience: int = Field(5, ge=1)  # evaluations without improvement before stopping
+    min_delta: float = Field(0.0, ge=0.0)
+    mode: Literal["auto", "max", "min"] = "auto"
+
+
+class DistillConfig(_Section):
+    teacher: str | None = None  # checkpoint folder of a trained teacher; None: no distillation
+    temperature: float = Field(4.0, gt=0.0)
+    alpha: float = Field(0.5, ge=0.0, le=1.0)  # weight of the distillation term
+
+
+class LoggingConfig(_Section):
+    tensorboard: bool = False
+
+
+class Config(_Section):
+    name: str = "run"
+    seed: int = Field(0, ge=0)
+    device: str = "auto"  # "auto" -> cuda if available else cpu
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)  # per micro-batch
+    accumulate: int = Field(1, ge=1)  # micro-batches per optimizer update
+    output_dir: str = "runs"
+    deterministic: bool = False
+    threads: int | None = Field(None, ge=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    mixing: MixingConfig = Field(default_factory=MixingConfig)
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size * self.accumulate
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply ``key.sub=value`` overrides and validate everything at once.
+
+    Args:
+        path: YAML file, or None for the defaults.
+        overrides: strings ``key.sub=value``; the value is parsed as a YAML scalar (``lr=0.1`` is a float,
+            ``ema_decay=null`` is None, ``name=abc`` a string).
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ConfigError: bad YAML (with file and line), or every validation problem, one per line.
+    """
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        raw = parse_yaml(path.read_text(encoding="utf-8"), source)
+    problems: list[str] = []
+    for override in overrides:
+        try:
+            apply_override(raw, override)
+        except ValueError as error:
+            problems.append(f"{source}: {error}")
+    return config_from_dict(raw, source, problems)
+
+
+def parse_yaml(text: str, source: str) -> dict[str, Any]:
+    """safe_load ``text``; syntax errors name the file and the line."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"{source}{where}: invalid YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set ``key.sub=value`` in the nested dict ``raw`` (value parsed as a YAML scalar)."""
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {override!r} is not of the form key.sub=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text  # a plain string such as "a:b" that YAML cannot read as a scalar
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"override {override!r}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(
+    raw: dict[str, Any], source: str = "<dict>", problems: list[str] | None = None
+) -> Config:
+    """Validate a nested dict; all problems (plus ``problems`` found earlier) raised together as ConfigError."""
+    problems = list(problems or [])
+    config = None
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as error:
+        problems.extend(f"{source}: {describe_error(item)}" for item in error.errors())
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config
+
+
+def describe_error(item: dict[str, Any]) -> str:
+    """One pydantic error as ``key.path=value problem`` or ``unknown key 'x' (did you mean 'y'?)``."""
+    location = [str(part) for part in item["loc"]]
+    key = ".".join(location)
+    kind = item["type"]
+    value = item.get("input")
+    if kind == "extra_forbidden":
+        parent, name = location[:-1], location[-1]
+        known = sorted(_fields_at(parent))
+        where = f" in section '{'.'.join(parent)}'" if parent else ""
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f"; valid keys: {', '.join(known)}"
+        return f"unknown key '{key}'{where}{hint}" if parent else f"unknown key '{name}'{hint}"
+    if kind == "literal_error":
+        allowed = _literal_choices(location)
+        if allowed:
+            return f"{key}={value!r} not in {{{', '.join(repr(choice) for choice in allowed)}}}"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    return f"{key}={value!r}: {item['msg']}"
+
+
+def _model_at(location: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in location:
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _fields_at(location: list[str]) -> list[str]:
+    model = _model_at(location)
+    return list(model.model_fields) if model is not None else []
+
+
+def _literal_choices(location: list[str]) -> tuple[Any, ...]:
+    model = _model_at(location[:-1])
+    if model is None or location[-1] not in model.model_fields:
+        return ()
+    annotation = model.model_fields[location[-1]].annotation
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(candidate) is Literal:
+            return typing.get_args(candidate)
+    return ()
+
+
+def config_to_yaml(config: Config) -> str:
+    """The resolved config as YAML (every default written out), loadable again with ``load_config``."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
