@@ -14,6 +14,7 @@ from trickbag.metrics.classification import (
     recall,
     roc_auc,
 )
+from trickbag.metrics.ranking import map_at_k, mrr, ndcg, ranking_from_flat, recall_at_k
 from trickbag.metrics.regression import (
     RegressionMetrics,
     mean_absolute_error,
@@ -36,4 +37,9 @@ __all__ = [
     "mean_squared_error",
     "r2_score",
     "root_mean_squared_error",
+    "map_at_k",
+    "mrr",
+    "ndcg",
+    "ranking_from_flat",
+    "recall_at_k",
 ]
