@@ -355,3 +355,107 @@ def test_plot_lr_curve_writes_png(tmp_path):
         plot_lr_curve([], tmp_path / "empty.png")
     with pytest.raises(ValueError, match="steps_per_epoch"):
         plot_lr_curve(lrs, tmp_path / "x.png", steps_per_epoch=0)
+
+
+# --- trickbag schedule (CLI) ----------------------------------------------------------------------------------------
+
+RUN_YAML = """
+epochs: 4
+batch_size: 64
+accumulate: 2
+model: {name: whatever, options: {depth: 3}}
+optimizer: {name: sgd, lr: 0.4, ref_batch_size: 256}
+schedule: {kind: step, step_size: 1, gamma: 0.5, interval: epoch}
+"""
+
+
+def run_cli(*argv):
+    from trickbag.cli import main
+
+    return main(list(argv))
+
+
+def test_cli_show_prints_scaled_lr_at_epoch_boundaries(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(RUN_YAML)
+    # 1000 images / 64 -> 16 micro-batches -> 8 updates per epoch; lr 0.4 per 256 -> 0.2 at 128
+    assert run_cli("schedule", "show", str(config), "--num-train", "1000") == 0
+    out = capsys.readouterr().out
+    assert "8 updates/epoch" in out and "base lr 0.2" in out
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert rows == [
+        ["0", "0", "0.2"],
+        ["1", "8", "0.1"],
+        ["2", "16", "0.05"],
+        ["3", "24", "0.025"],
+        ["last", "31", "0.025"],
+    ]
+
+
+def test_cli_plot_writes_png_and_epochs_override(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(RUN_YAML)
+    out_png = tmp_path / "lr.png"
+    assert (
+        run_cli(
+            "schedule", "plot", str(config), "--steps-per-epoch", "3", "--epochs", "6", "--out", str(out_png)
+        )
+        == 0
+    )
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+    assert "18 updates, 6 epochs" in capsys.readouterr().out
+
+
+def test_cli_plateau_metrics(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "epochs: 3\nschedule: {kind: plateau, patience: 0, interval: epoch}\noptimizer: {scale_lr: false}\n"
+    )
+    assert run_cli("schedule", "show", str(config), "--steps-per-epoch", "2", "--metrics", "1,2") == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[2] for row in rows] == ["0.1", "0.1", "0.01", "0.01"]
+
+
+def test_cli_reports_every_error_with_file_and_key(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        "epochs: 0\nschedule: {kind: cosin}\noptimizer: {lr: -1, momentm: 0.9}\ndata: {anything: 1}\n"
+    )
+    assert run_cli("schedule", "show", str(config), "--steps-per-epoch", "2") == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml: schedule.kind='cosin'" in err
+    assert "bad.yaml: optimizer.lr=-1" in err
+    assert "bad.yaml: optimizer.momentm=0.9: Extra inputs are not permitted" in err
+    assert "bad.yaml: epochs=0: must be an int >= 1" in err
+    assert "data" not in err  # other sections are not this command's business
+
+
+@pytest.mark.parametrize(
+    "yaml_text,extra,message",
+    [
+        (
+            "schedule: {kind: cosine, milestones: [2]}\n",
+            ["--steps-per-epoch", "2"],
+            "schedule: milestones does not apply",
+        ),
+        ("epochs: 2\n", [], "give --steps-per-epoch N or --num-train N"),
+        ("epochs: 2\n", ["--steps-per-epoch", "0"], "--steps-per-epoch must be >= 1"),
+        ("epochs: 2\n", ["--num-train", "0"], "--num-train must be >= 1"),
+        ("epochs: 2\n", ["--steps-per-epoch", "2", "--metrics", "a,b"], "--metrics must be comma-separated"),
+        ("epochs: 2\n", ["--steps-per-epoch", "2", "--metrics", "1"], "metrics only apply to kind='plateau'"),
+        ("epochs: 2\n", ["--steps-per-epoch", "2", "--rows", "1"], "--rows must be >= 2"),
+        ("- a\n- b\n", ["--steps-per-epoch", "2"], "top level must be a mapping"),
+        ("schedule: [1]\n", ["--steps-per-epoch", "2"], "schedule must be a mapping"),
+        ("a: [\n", ["--steps-per-epoch", "2"], "invalid YAML"),
+    ],
+)
+def test_cli_user_errors(tmp_path, capsys, yaml_text, extra, message):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml_text)
+    assert run_cli("schedule", "show", str(config), *extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_missing_file(tmp_path, capsys):
+    assert run_cli("schedule", "plot", str(tmp_path / "nope.yaml"), "--steps-per-epoch", "2") == 2
+    assert "config file not found" in capsys.readouterr().err
