@@ -274,6 +274,15 @@ def _literal_choices(location: list[str]) -> tuple[Any, ...]:
     return ()
 
 
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """The resolved config as plain data (every default written out), valid input of ``config_from_dict``."""
+    data = config.model_dump(mode="json")
+    # ScheduleConfig rejects fields that do not apply to its kind once they are set, even to their defaults,
+    # so that section keeps only what differs from the defaults.
+    data["schedule"] = config.schedule.model_dump(mode="json", exclude_defaults=True)
+    return data
+
+
 def config_to_yaml(config: Config) -> str:
-    """The resolved config as YAML (every default written out), loadable again with ``load_config``."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, loadable again with ``load_config``."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)

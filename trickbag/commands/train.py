@@ -187,7 +187,7 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
 
     from trickbag import data
     from trickbag.checkpoint import Checkpointer
-    from trickbag.config import config_to_yaml
+    from trickbag.config import config_to_dict, config_to_yaml
     from trickbag.losses import class_weights
     from trickbag.metrics import ClassificationMetrics
     from trickbag.optim import optimizer_from_config
@@ -270,7 +270,7 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
         ema = ModelEMA(model, cfg.train.ema_decay)
     teacher = load_model(cfg.distill.teacher, device)[0].eval() if cfg.distill.teacher else None
     meta = {
-        "config": cfg.model_dump(mode="json"),
+        "config": config_to_dict(cfg),
         "classes": classes,
         "image_shape": list(train_set.images.shape[1:]),
         "mean": mean,
@@ -381,29 +381,33 @@ def handle_train(args) -> int:
 
 
 def print_summary(run: Run, state) -> None:
+    """The end-of-run table: best epochs, their scores and checkpoint paths."""
+    import sys
+
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"trickbag run {run.run_dir}")
-    table.add_column("checkpoint")
-    table.add_column("epoch", justify="right")
     metric = run.cfg.eval.best_metric
-    keys = list(dict.fromkeys(["val_loss", metric, "accuracy", "macro_f1", "balanced_accuracy"]))
+    keys = list(dict.fromkeys(["val_loss", metric, "accuracy", "macro_f1"]))
+    table = Table(title=f"trickbag run {run.run_dir}", title_justify="left")
+    table.add_column("checkpoint", no_wrap=True)
+    table.add_column("epoch", justify="right")
     for key in keys:
-        table.add_column(key, justify="right")
-    table.add_column("path")
+        table.add_column(key, justify="right", no_wrap=True)
+    table.add_column("path", no_wrap=True)
     for kind in ("best_metric", "best_loss", "last"):
-        target = run.parts.checkpointer.latest(kind)
         epoch = {"best_metric": state.best_metric_epoch, "best_loss": state.best_loss_epoch}.get(
             kind, state.epoch
         )
         row = state.history[epoch - 1] if 0 < epoch <= len(state.history) else {}
         cells = [f"{row[key]:.4f}" if isinstance(row.get(key), float) else "-" for key in keys]
-        table.add_row(kind, str(epoch), *cells, str(run.run_dir / kind) if target else "-")
-    console = Console()
+        path = run.run_dir / kind if run.parts.checkpointer.latest(kind) else "-"
+        table.add_row(kind, str(epoch), *cells, str(path))
+    # Not a terminal (CI, a pipe): wide enough that paths are never cut.
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     console.print(table)
     if state.stopped_early:
-        console.print(f"stopped early after epoch {state.epoch}")
+        console.print(f"stopped early after epoch {state.epoch} (early_stopping.patience)")
 
 
 def handle_eval(args) -> int:

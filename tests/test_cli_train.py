@@ -1,0 +1,206 @@
+"""End to end through the CLI: train / resume / eval / predict / report on tiny digits runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trickbag.cli import main
+
+# Small and fast: digits (1,437 train images), 2 epochs, tiny CNN, one thread, deterministic kernels.
+TINY = [
+    "epochs=2",
+    "batch_size=64",
+    "threads=1",
+    "deterministic=true",
+    "model.options={width: 8}",
+    "train.log_every=5",
+]
+# Everything random or stateful on: crop/flip order, mixing generator, dropout, EMA, warmup+cosine.
+STATEFUL = [
+    "data.crop_padding=1",
+    "data.flip=true",
+    "mixing.mixup_alpha=0.4",
+    "mixing.cutmix_alpha=1.0",
+    "train.ema_decay=0.9",
+    "schedule.warmup_epochs=1",
+]
+
+
+def run_cli(*argv: str) -> int:
+    return main(list(argv))
+
+
+def only_run(output_dir: Path) -> Path:
+    runs = [p for p in output_dir.iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_train_produces_all_files_and_eval_predict_report(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert run_cli("train", "recipes/digits.yaml", *TINY, f"output_dir={out}", "name=tiny", "--quiet") == 0
+    run_dir = only_run(out)
+    assert run_dir.name == "tiny-001"
+    for name in ("config.yaml", "train.log", "metrics.csv"):
+        assert (run_dir / name).is_file(), name
+    for kind in ("last", "best_loss", "best_metric"):
+        link = run_dir / kind
+        assert link.is_symlink()
+        target = os.readlink(link)
+        assert target.startswith(f"{kind}-epoch00"), target
+        assert {p.name for p in link.iterdir()} == {"model.safetensors", "state.pt", "meta.json"}
+    assert "accuracy=" in os.readlink(run_dir / "best_metric")  # named with the metric, not "_loss_"
+    assert "val_loss=" in os.readlink(run_dir / "best_loss")
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    for column in ("train_loss", "val_loss", "accuracy", "macro_f1", "lr", "time_s"):
+        assert column in rows[0]
+    summary = capsys.readouterr().out
+    assert "best_metric" in summary and "best_loss" in summary
+
+    assert run_cli("eval", str(run_dir)) == 0
+    eval_out = capsys.readouterr().out
+    meta = json.loads((run_dir / "best_metric" / "meta.json").read_text())
+    assert f"{meta['scores']['accuracy']:.4f}" in eval_out  # same weights, same eval set, same number
+
+    images = tmp_path / "images"
+    for label in ("3", "7"):
+        (images / label).mkdir(parents=True)
+    from PIL import Image
+
+    from trickbag.data import load_digits
+
+    _, test = load_digits()
+    picks = {"3": 0, "7": 0}
+    for image, label in zip(test.images, test.labels.tolist()):
+        name = str(label)
+        if name in picks and picks[name] < 2:
+            Image.fromarray(image[0].numpy()).save(images / name / f"{picks[name]}.png")
+            picks[name] += 1
+    predictions = tmp_path / "predictions.csv"
+    assert run_cli("predict", str(run_dir / "best_metric"), str(images), "--out", str(predictions)) == 0
+    table = list(csv.DictReader(open(predictions)))
+    assert len(table) == 4
+    assert list(table[0])[:3] == ["path", "label", "predicted"]
+    assert [key for key in table[0] if key.startswith("p_")] == [f"p_{c}" for c in range(10)]
+    assert {row["label"] for row in table} == {"3", "7"}
+    for row in table:
+        assert abs(sum(float(row[f"p_{c}"]) for c in range(10)) - 1) < 1e-4
+
+    assert run_cli("report", str(run_dir)) == 0
+    assert (run_dir / "report.png").stat().st_size > 1000
+    page = (run_dir / "report.html").read_text()
+    assert "data:image/png;base64," in page and "<img" in page
+
+
+def drop_time(rows) -> list[dict[str, str]]:
+    return [{k: v for k, v in row.items() if k not in ("time_s", "images_per_s")} for row in rows]
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "last" / "model.safetensors"))
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path):
+    """kill -9 after epoch 1's checkpoint, resume -> the same bytes as a run that never stopped."""
+    argv = [*TINY, "epochs=3", *STATEFUL]
+    reference_out, killed_out = tmp_path / "reference", tmp_path / "killed"
+    assert run_cli("train", "recipes/digits.yaml", *argv, f"output_dir={reference_out}", "--quiet") == 0
+    reference = only_run(reference_out)
+
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "trickbag",
+            "train",
+            "recipes/digits.yaml",
+            *argv,
+            f"output_dir={killed_out}",
+            "--quiet",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        runs = list(killed_out.glob("*/last")) if killed_out.exists() else []
+        if runs and runs[0].is_symlink():
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, f"run ended before it could be killed: {process.stderr.read().decode()}"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed = only_run(killed_out)
+    assert os.readlink(killed / "last").startswith("last-epoch00")
+    assert run_cli("resume", str(killed), "--quiet") == 0
+
+    expected, got = _final_weights(reference), _final_weights(killed)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    for kind in ("best_loss", "best_metric"):
+        assert os.readlink(killed / kind) == os.readlink(reference / kind)
+    expected_rows = drop_time(csv.DictReader(open(reference / "metrics.csv")))
+    assert drop_time(csv.DictReader(open(killed / "metrics.csv"))) == expected_rows
+    ema_expected = torch.load(reference / "last" / "state.pt", weights_only=True)["ema"]
+    ema_got = torch.load(killed / "last" / "state.pt", weights_only=True)["ema"]
+    assert all(torch.equal(ema_expected[k], ema_got[k]) for k in ema_expected)
+
+
+def test_train_errors_are_clear(tmp_path, capsys):
+    assert run_cli("train", str(tmp_path / "missing.yaml")) == 2
+    assert "config file not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 2\noptimiser:\n  lr: 0.1\n")
+    assert run_cli("train", str(bad)) == 2
+    assert "unknown key 'optimiser' (did you mean 'optimizer'?)" in capsys.readouterr().err
+    assert run_cli("train", "recipes/digits.yaml", "schedule.kind=cosin") == 2
+    err = capsys.readouterr().err
+    assert "schedule.kind='cosin' not in" in err and "recipes/digits.yaml" in err
+    assert run_cli("resume", str(tmp_path)) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    assert run_cli("predict", str(tmp_path), "x.png", "--out", str(tmp_path / "p.csv")) == 2
+    assert "not a checkpoint" in capsys.readouterr().err
+
+
+def test_corrupt_image_named_in_error(tmp_path, capsys):
+    root = tmp_path / "folder"
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            from PIL import Image
+
+            for i in range(3):
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / split / label / f"{i}.png")
+    broken = root / "train" / "b" / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    code = run_cli(
+        "train",
+        "recipes/digits.yaml",
+        "data.kind=image_folder",
+        f"data.root={root}",
+        f"output_dir={tmp_path / 'r'}",
+        "--quiet",
+    )
+    assert code == 2
+    assert "broken.png" in capsys.readouterr().err
+
+
+def test_help_has_examples(capsys):
+    for command in ("train", "eval", "predict", "resume", "report"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert "examples:" in out and f"trickbag {command}" in out
