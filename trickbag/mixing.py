@@ -236,17 +236,23 @@ class BatchMixer:
                  fmix_decay_power: float = 3.0, pairing: str = "permute", seed: int = 0) -> None:  # fmt: skip
         errors = []
 
-        def number(value, name, low, high, high_open=False):
+        def number(value, name, low, high, low_open=False, high_open=False):
             bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-            if bad or value < low or value > high or (high_open and value == high):
-                errors.append(f"{name}={value!r} not in [{low}, {high}{')' if high_open else ']'}")
+            if (
+                bad
+                or not (low < value if low_open else low <= value)
+                or not (value < high if high_open else value <= high)
+            ):
+                errors.append(
+                    f"{name}={value!r} not in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+                )
 
         alphas = {"mixup": mixup_alpha, "cutmix": cutmix_alpha, "fmix": fmix_alpha}
         for name, value in alphas.items():
             number(value, f"{name}_alpha", 0.0, math.inf, high_open=True)
         number(prob, "prob", 0.0, 1.0)
         number(label_smoothing, "label_smoothing", 0.0, 1.0)
-        number(fmix_decay_power, "fmix_decay_power", 0.0, math.inf, high_open=True)
+        number(fmix_decay_power, "fmix_decay_power", 0.0, math.inf, low_open=True, high_open=True)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             errors.append(f"num_classes={num_classes!r} must be an int >= 1")
         if mode not in ("batch", "sample"):
