@@ -4,7 +4,7 @@ Time: minimum over repeats of forward+backward (the minimum, because the machine
 Memory: on CPU, bytes of the distinct tensors autograd saves for backward plus the output (deterministic,
 via saved_tensors_hooks); on CUDA, torch.cuda.max_memory_allocated above the inputs.
 
-    .venv/bin/python benchmarks/losses.py [--quick] [--device cuda] [--repeats 20]
+    .venv/bin/python benchmarks/losses.py [--quick] [--device cuda] [--repeats 20] [--threads 1]
 """
 
 import argparse
@@ -58,23 +58,27 @@ def cuda_peak_bytes(fn, logits, target):
     return torch.cuda.max_memory_allocated() - base
 
 
-def best_time(fn, logits, target, repeats, device):
-    def step():
-        fn(logits, target).backward()
-        logits.grad = None
+def best_times(fns, logits, target, repeats, device):
+    """Min fwd+bwd seconds per function; the functions take turns so background load hits all alike."""
 
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(repeats):
+    def step(fn):
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        step()
+        fn(logits, target).backward()
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        logits.grad = None
+        return time.perf_counter() - start
+
+    for fn in fns.values():
+        for _ in range(3):
+            step(fn)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(step(fn))
+    return {name: min(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -84,11 +88,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (smoke test)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = [(256, 100), (4096, 10)] if args.quick else [(4096, 1000), (65536, 10)]
     repeats = 3 if args.quick else args.repeats
     generator = torch.Generator().manual_seed(0)
-    print(f"device={args.device} torch={torch.__version__} gamma={GAMMA} repeats={repeats} (min taken)")
+    print(
+        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} gamma={GAMMA} "
+        f"repeats={repeats} (min taken)"
+    )
     print(
         f"{'N':>6} {'C':>5} {'CE ms':>8} {'ours ms':>8} {'naive ms':>9} {'t ours/CE':>9} "
         f"{'naive/ours':>10} {'mem ours/CE':>11} {'mem naive/CE':>12}"
@@ -97,15 +107,10 @@ def main() -> None:
     for n, c in shapes:
         logits = torch.randn(n, c, generator=generator).to(args.device).requires_grad_()
         target = torch.randint(0, c, (n,), generator=generator).to(args.device)
-        times = {
-            name: best_time(fn, logits, target, repeats, args.device)
-            for name, fn in [("ce", cross_entropy), ("ours", ours), ("naive", naive_focal)]
-        }
+        fns = {"ce": cross_entropy, "ours": ours, "naive": naive_focal}
+        times = best_times(fns, logits, target, repeats, args.device)
         memory_of = cuda_peak_bytes if args.device == "cuda" else saved_bytes
-        memory = {
-            name: memory_of(fn, logits, target)
-            for name, fn in [("ce", cross_entropy), ("ours", ours), ("naive", naive_focal)]
-        }
+        memory = {name: memory_of(fn, logits, target) for name, fn in fns.items()}
         ratios = {
             "time vs CE": times["ours"] / times["ce"],
             "memory vs CE": memory["ours"] / memory["ce"],

@@ -521,3 +521,27 @@ def test_distillation_rejects_bad_arguments():
         distillation_loss(LOGITS, LOGITS, torch.tensor([0, 1]), alpha=0.5)
     with pytest.raises(ValueError, match=r"temperature=-1"):
         DistillationLoss(temperature=-1)
+
+
+def test_focal_ignore_index_inside_class_range_and_int32_targets():
+    logits, target = make(12, 4, seed=28)
+    target[:4] = 1
+    ours = focal_loss(logits, target.int(), gamma=0.0, ignore_index=1)
+    torch.testing.assert_close(ours, F.cross_entropy(logits, target, ignore_index=1))
+    torch.testing.assert_close(
+        focal_loss(logits, target, gamma=2.0, ignore_index=1),
+        naive_focal(logits, target, 2.0, ignore_index=1),
+    )
+
+
+def test_accelerator_path_without_host_checks_gives_same_values(monkeypatch):
+    # On CUDA the value checks are skipped (no host sync); emulate that path on CPU.
+    logits, target = make(10, 5, seed=29)
+    target[3] = -100
+    alpha = torch.linspace(0.5, 2.0, 5, dtype=torch.float64)
+    all_valid = target.clamp_min(0)
+    expected = [focal_loss(logits, target, alpha=alpha), focal_loss(logits, all_valid, gamma=0.5)]
+    monkeypatch.setattr("trickbag.losses._on_host", lambda tensor: False)
+    torch.testing.assert_close(focal_loss(logits, target, alpha=alpha), expected[0])
+    torch.testing.assert_close(focal_loss(logits, all_valid, gamma=0.5), expected[1])
+    torch.testing.assert_close(focal_loss(logits, all_valid, gamma=0.0), F.cross_entropy(logits, all_valid))

@@ -64,19 +64,32 @@ def _flatten_classes(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, tu
     return logits, (target if soft else target.long()), sample_shape
 
 
+def _on_host(tensor: Tensor) -> bool:
+    # Value checks on an accelerator tensor would force a device->host sync every step; shapes are still checked.
+    return tensor.device.type == "cpu"
+
+
 def _class_vector(name: str, value, num_classes: int, device, dtype) -> Tensor:
     vector = torch.as_tensor(value, dtype=dtype, device=device)
     if vector.shape != (num_classes,):
         raise ValueError(
             f"{name} must have shape ({num_classes},) (one per class), got {tuple(vector.shape)}"
         )
-    if not bool(torch.isfinite(vector).all()) or bool((vector < 0).any()):
+    if _on_host(vector) and (not bool(torch.isfinite(vector).all()) or bool((vector < 0).any())):
         raise ValueError(f"{name} must be finite and >= 0, got {vector.tolist()}")
     return vector
 
 
-def _check_indices(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
-    """Validity mask; raises on an index outside [0, C) that is not ignore_index."""
+def _check_indices(target: Tensor, num_classes: int, ignore_index: int) -> Tensor | None:
+    """Mask of non-ignored targets, or None when all are valid; raises on an index outside [0, C)."""
+    if not _on_host(target):
+        return target != ignore_index  # as F.cross_entropy: a bad index is a device-side assert there
+    if target.numel() == 0:
+        return None
+    low, high = torch.aminmax(target)
+    low, high = int(low), int(high)
+    if 0 <= low and high < num_classes and not low <= ignore_index <= high:
+        return None  # common case, one reduction instead of building masks
     valid = target != ignore_index
     bad = valid & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
@@ -167,22 +180,24 @@ class _FocalIndexFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, weight: Tensor, gamma: float) -> Tensor:
+    def forward(ctx, logits: Tensor, target: Tensor, weight: Tensor | None, gamma: float) -> Tensor:
         x = logits.to(_compute_dtype(logits))
         if x.shape[1] >= _SMALL_C:
             log_p = torch.log_softmax(x, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
         else:
             log_p = x.gather(1, target.unsqueeze(1)).squeeze(1) - torch.logsumexp(x, dim=1)
         if gamma == 0.0:
-            loss = -weight * log_p
-            coefficient = -weight
+            loss, coefficient = -log_p, torch.full_like(log_p, -1.0)
         else:
             one_minus_p = -torch.expm1(log_p)  # exact for p near 1, where 1 - exp(log_p) cancels
             modulator = one_minus_p.pow(gamma)
-            loss = -weight * modulator * log_p
-            # dL/dlog_p = -w u^g (1 - g p log_p / u) with u = 1 - p; log_p / u -> -1 as u -> 0.
-            ratio = torch.where(one_minus_p > 0, log_p / one_minus_p, torch.full_like(log_p, -1.0))
-            coefficient = -weight * modulator * (1.0 - gamma * torch.exp(log_p) * ratio)
+            loss = -modulator * log_p
+            # dL/dlog_p = -u^g (1 - g p log_p / u) with u = 1 - p. Where u = 0 the factor u^g is 0, so
+            # the clamp only has to keep log_p / u finite.
+            ratio = log_p / one_minus_p.clamp_min(torch.finfo(log_p.dtype).tiny)
+            coefficient = modulator * (gamma * torch.exp(log_p) * ratio - 1.0)
+        if weight is not None:
+            loss, coefficient = loss * weight, coefficient * weight
         ctx.save_for_backward(logits, target, coefficient)
         return loss
 
@@ -270,18 +285,18 @@ def focal_loss(
         denominator = loss.shape[0] if class_weight is None else (probs.to(dtype) * class_weight).sum()
     else:
         valid = _check_indices(flat_target, num_classes, ignore_index)
-        safe_target = flat_target.masked_fill(~valid, 0)
-        sample_weight = valid.to(dtype)
-        if class_weight is not None:
-            sample_weight = sample_weight * class_weight[safe_target]
+        safe_target = flat_target if valid is None else flat_target.masked_fill(~valid, 0)
+        sample_weight = None if class_weight is None else class_weight[safe_target]
+        if valid is not None:
+            sample_weight = valid.to(dtype) if sample_weight is None else sample_weight * valid
         if label_smoothing:
             # Smoothing needs the whole row anyway, so this path builds (M, C) probabilities.
-            one_hot = F.one_hot(safe_target, num_classes).to(dtype)
-            probs = _smooth(one_hot, label_smoothing, "uniform") * valid.unsqueeze(1)
+            probs = _smooth(F.one_hot(safe_target, num_classes).to(dtype), label_smoothing, "uniform")
+            probs = probs if valid is None else probs * valid.unsqueeze(1)
             loss = _focal_soft(flat_logits, probs, class_weight, gamma)
         else:
             loss = _FocalIndexFunction.apply(flat_logits, safe_target, sample_weight, gamma)
-        denominator = sample_weight.sum()
+        denominator = loss.shape[0] if sample_weight is None else sample_weight.sum()
     if scale != 1.0:
         loss = loss * scale
     if reduction == "none":
