@@ -12,6 +12,8 @@ from trickbag.optim import (
     scale_lr,
 )
 
+CPU_HAS_FUSED = "cpu" in torch.utils._foreach_utils._get_fused_kernels_supported_devices()
+
 
 class Net(nn.Module):
     """Conv + every norm type + a head tied to the embedding, and one frozen layer."""
@@ -123,8 +125,10 @@ def test_scale_lr_validation(args, message):
         ("rmsprop", lambda p: torch.optim.RMSprop(p, lr=0.05, momentum=0.8, eps=1e-6, weight_decay=0.01)),
     ],
 )
-@pytest.mark.parametrize("implementation", ["auto", "foreach", "for_loop"])
+@pytest.mark.parametrize("implementation", ["auto", "foreach", "for_loop", "fused"])
 def test_build_optimizer_matches_torch_updates(name, reference, implementation):
+    if implementation == "fused" and (name == "rmsprop" or not CPU_HAS_FUSED):
+        pytest.skip("no fused kernel for this optimizer on CPU with this torch")
     torch.manual_seed(0)
     ours_params = [torch.randn(4, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
     ref_params = [p.detach().clone().requires_grad_(True) for p in ours_params]
@@ -157,11 +161,22 @@ def test_build_optimizer_keeps_group_weight_decay():
     assert [g["name"] for g in optimizer.param_groups] == ["decay", "no_decay"]
 
 
-def test_choose_implementation_on_cpu_is_for_loop():
-    assert choose_implementation("adamw", [torch.zeros(2)]) == "for_loop"
+def test_choose_implementation_on_cpu():
+    fused_or_loop = "fused" if CPU_HAS_FUSED else "for_loop"
+    assert choose_implementation("adamw", [torch.zeros(2)]) == fused_or_loop
+    assert choose_implementation("sgd", [torch.zeros(2)]) == fused_or_loop
+    assert (
+        choose_implementation("rmsprop", [torch.zeros(2)]) == "for_loop"
+    )  # no fused RMSprop, no CPU foreach
+    assert choose_implementation("adam", [torch.zeros(2, dtype=torch.int64)]) == "for_loop"
     assert choose_implementation("sgd", []) == "for_loop"
     optimizer = build_optimizer("adamw", [torch.zeros(2, requires_grad=True)], lr=0.1)
-    assert optimizer.defaults["foreach"] is False and not optimizer.defaults["fused"]
+    assert bool(optimizer.defaults["fused"]) is CPU_HAS_FUSED
+    assert not optimizer.defaults.get("foreach")
+    optimizer = build_optimizer(
+        "rmsprop", [torch.zeros(2, requires_grad=True)], lr=0.1, implementation="foreach"
+    )
+    assert optimizer.defaults["foreach"] is True
 
 
 @pytest.mark.gpu
@@ -171,6 +186,7 @@ def test_auto_picks_fused_on_cuda():
     assert choose_implementation("adamw", params) == "fused"
     assert choose_implementation("rmsprop", params) == "foreach"
     assert build_optimizer("sgd", params, lr=0.1).defaults["fused"] is True
+    assert build_optimizer("rmsprop", params, lr=0.1).defaults["foreach"] is True
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import trickbag.precision as precision_module
+from trickbag.optim import build_optimizer
 from trickbag.precision import Precision
 from trickbag.schedules import ScheduleConfig, Scheduler
 
@@ -70,9 +71,10 @@ def test_fp16_scaler_unscales_before_clipping(clip):
         assert precision.last_grad_norm > clip
 
 
-def test_skipped_fp16_step_returns_false_and_does_not_advance_scheduler():
+@pytest.mark.parametrize("implementation", ["for_loop", "auto"])  # auto: fused on CPU with torch >= 2.4
+def test_skipped_fp16_step_returns_false_and_does_not_advance_scheduler(implementation):
     model = make_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = build_optimizer("adamw", model.parameters(), lr=0.1, implementation=implementation)
     scheduler = Scheduler(
         optimizer, ScheduleConfig(kind="linear", end_factor=0.0), steps_per_epoch=4, epochs=1
     )

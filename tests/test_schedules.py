@@ -378,8 +378,8 @@ def run_cli(*argv):
 def test_cli_show_prints_scaled_lr_at_epoch_boundaries(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(RUN_YAML)
-    # 1000 images / 64 -> 16 micro-batches -> 8 updates per epoch; lr 0.4 per 256 -> 0.2 at 128
-    assert run_cli("schedule", "show", str(config), "--num-train", "1000") == 0
+    # 1030 images / 64 -> 16 full micro-batches (drop_last) -> 8 updates per epoch; lr 0.4 per 256 -> 0.2 at 128
+    assert run_cli("schedule", "show", str(config), "--num-train", "1030") == 0
     out = capsys.readouterr().out
     assert "8 updates/epoch" in out and "base lr 0.2" in out
     rows = [line.split() for line in out.splitlines()[2:]]

