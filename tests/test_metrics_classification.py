@@ -355,3 +355,29 @@ def test_streaming_validation():
         metrics.update(torch.rand(2, 4), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="target holds labels in \\[0, 3\\]"):
         metrics.update(torch.rand(2, 3), torch.tensor([0, 3]))
+
+
+def test_auroc_nan_scores_rejected_and_buffer_reuse_safe():
+    with pytest.raises(ValueError, match="scores contain nan"):
+        roc_auc(torch.tensor([[0.1, float("nan")], [0.3, 0.2]]), torch.tensor([0, 1]))
+    metrics = ClassificationMetrics(2)
+    metrics.update(torch.tensor([[0.5, float("nan")]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="scores given to update\\(\\) contain nan"):
+        metrics.compute()
+    metrics = ClassificationMetrics(2)
+    buffer = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    metrics.update(buffer, torch.tensor([0, 1]))
+    buffer.fill_(0.5)  # a caller reusing its output buffer
+    metrics.update(buffer, torch.tensor([0, 1]))
+    expected = roc_auc(
+        torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5], [0.5, 0.5]]), torch.tensor([0, 1, 0, 1])
+    )
+    assert metrics.compute()["auroc"] == pytest.approx(expected)
+
+
+def test_auroc_many_classes_equals_sklearn():
+    gen = torch.Generator().manual_seed(8)
+    probs = torch.randn(2000, 50, generator=gen).softmax(1).double()
+    target = torch.arange(2000) % 50
+    ref = skm.roc_auc_score(target.numpy(), probs.numpy(), multi_class="ovr")
+    assert roc_auc(probs, target) == pytest.approx(ref, abs=1e-12)
