@@ -4,6 +4,8 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.optim import lr_scheduler
 
 from trickbag.schedules import (
@@ -135,6 +137,52 @@ def test_plateau_constant_metric_and_nan_count_as_bad():
         lambda o: lr_scheduler.ReduceLROnPlateau(o, patience=1), 10, metrics=metrics
     )
     assert our_lrs_per_epoch(cfg, 10, metrics=metrics) == expected
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(["step", "multistep", "cosine_restarts"]),
+    size=st.integers(1, 9),
+    extra=st.lists(st.integers(1, 30), min_size=1, max_size=4),
+    gamma=st.floats(0.05, 0.95),
+    t_mult=st.integers(1, 3),
+    base=st.floats(1e-4, 10.0),
+)
+def test_random_configs_equal_torch(kind, size, extra, gamma, t_mult, base):
+    if kind == "step":
+        cfg = ScheduleConfig(kind=kind, interval="epoch", step_size=size, gamma=gamma)
+        make = lambda o: lr_scheduler.StepLR(o, size, gamma)  # noqa: E731
+    elif kind == "multistep":
+        cfg = ScheduleConfig(kind=kind, interval="epoch", milestones=extra, gamma=gamma)
+        make = lambda o: lr_scheduler.MultiStepLR(o, extra, gamma)  # noqa: E731
+    else:
+        cfg = ScheduleConfig(kind=kind, interval="epoch", t_0=size, t_mult=t_mult, eta_min=base / 100)
+        make = lambda o: lr_scheduler.CosineAnnealingWarmRestarts(o, size, t_mult, base / 100)  # noqa: E731
+    expected = torch_lrs_per_epoch(make, 40, lrs=(base,))
+    ours = our_lrs_per_epoch(cfg, 40, steps_per_epoch=2, lrs=(base,))
+    if kind == "cosine_restarts":
+        assert [row[0] for row in ours] == pytest.approx([row[0] for row in expected], rel=1e-14, abs=0)
+    else:
+        assert ours == expected
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    warmup=st.integers(1, 30),
+    start=st.floats(0.0, 1.0),
+    steps_per_epoch=st.integers(1, 7),
+    epochs=st.integers(1, 8),
+    end_factor=st.floats(0.0, 1.0),
+)
+def test_random_warmup_linear_closed_form(warmup, start, steps_per_epoch, epochs, end_factor):
+    cfg = ScheduleConfig(kind="linear", warmup_steps=warmup, warmup_start_factor=start, end_factor=end_factor)
+    lrs = lr_curve(cfg, base_lr=2.0, steps_per_epoch=steps_per_epoch, epochs=epochs)
+    total = steps_per_epoch * epochs
+    for step, lr in enumerate(lrs):
+        expected = 2.0 * (1 + (end_factor - 1) * step / total)
+        if step < warmup:
+            expected *= start + (1 - start) * step / warmup
+        assert lr == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
 # --- interval="update" and warmup: closed-form references ---------------------------------------------------------

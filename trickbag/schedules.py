@@ -6,9 +6,11 @@ Schedules are pure: :func:`schedule_lr` maps an optimizer-update count to a lear
 
 * ``step()`` once per optimizer update that really happened (not per micro-batch, and not when the fp16
   GradScaler skipped the update);
-* ``observe(metric)`` after each evaluation (only ``kind="plateau"`` uses it);
+* ``observe(metric)`` after each evaluation (only ``kind="plateau"`` uses it; the metric's direction must
+  match ``mode``: "min" for a loss, "max" for an accuracy);
 * the epoch is derived as ``updates // steps_per_epoch``, so ``steps_per_epoch`` must be the number of optimizer
-  updates per epoch.
+  updates per epoch (updates skipped by the fp16 scaler, usually a few at the start, delay the epoch
+  boundaries of ``interval="epoch"`` by as many updates).
 
 Durations are given in epochs (``step_size``, ``milestones``, ``t_0``, ``warmup_epochs``) or in optimizer updates
 (the ``*_steps`` fields). With ``interval="update"`` the LR changes after every update; with
