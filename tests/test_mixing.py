@@ -608,3 +608,26 @@ def test_cuda_batch_stays_on_device(name, generator_device):
     if generator_device == "cpu":  # same draws, so the same mix
         torch.testing.assert_close(out.cpu(), cpu_out)
         torch.testing.assert_close(soft.cpu(), cpu_soft)
+
+
+@pytest.mark.parametrize("pixels", [1, 7, 64, 1000])
+def test_largest_selection_equals_sort_reference_with_ties(pixels):
+    from trickbag.mixing_masks import _largest
+
+    generator = seeded(pixels)
+    for values in (
+        torch.randn(6, pixels, generator=generator),
+        torch.randint(0, 3, (6, pixels), generator=generator).float(),  # heavy ties
+        torch.zeros(6, pixels),
+    ):
+        count = torch.randint(0, pixels + 1, (6,), generator=generator)
+        count[0], count[-1] = 0, pixels
+        chosen = _largest(values, count)
+        assert chosen.sum(1).tolist() == count.tolist()
+        for row in range(6):
+            ordered = values[row].sort(descending=True).values
+            k = int(count[row])
+            if 0 < k:  # every chosen value is >= every value left out
+                assert values[row][chosen[row]].min() >= ordered[k - 1]
+            if k < pixels:
+                assert values[row][~chosen[row]].max() <= ordered[k]

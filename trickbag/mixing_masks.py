@@ -244,6 +244,32 @@ def _frequency_scale(height: int, width: int, decay_power: float, device: torch.
     return freq.pow(-decay_power)
 
 
+def _largest(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """(M, P) bool, True at the ``count[m]`` largest entries of each row of ``values`` (M, P).
+
+    A full argsort of every row costs ~20 copies of the batch on CPU. Instead, bisect a per-row threshold
+    (each step is one compare-and-count pass), then take the few entries left inside the last bracket with a
+    small ``topk``; that last step makes the count exact whatever the bisection reached (ties included).
+    """
+    rows, pixels = values.shape
+    low = values.min(dim=1).values - 1.0  # invariant: more than count entries lie above low ...
+    high = values.max(dim=1).values  # ... and at most count lie above high
+    for _ in range(min(2 + math.ceil(math.log2(max(pixels, 2))), 24)):
+        middle = 0.5 * (low + high)
+        too_many = (values > middle.unsqueeze(1)).sum(dim=1) > count
+        low = torch.where(too_many, middle, low)
+        high = torch.where(too_many, high, middle)
+    chosen = values > high.unsqueeze(1)
+    missing = count - chosen.sum(dim=1)
+    k = int(missing.max()) if rows else 0
+    if k > 0:
+        inside = torch.where((values > low.unsqueeze(1)) & ~chosen, values, -math.inf)
+        index = torch.topk(inside, k, dim=1).indices
+        take = torch.arange(k, device=values.device).view(1, -1) < missing.unsqueeze(1)
+        chosen.scatter_(1, index, take | chosen.gather(1, index))
+    return chosen
+
+
 def sample_fmix_mask(
     lam: torch.Tensor | float,
     height: int,
@@ -258,7 +284,7 @@ def sample_fmix_mask(
 
     A random field is drawn in Fourier space (complex Gaussian noise scaled by 1/f**decay_power) and brought
     back with ``irfft2``, giving a smooth low-frequency image. Its ``round((1−λ)·H·W)`` highest pixels come from
-    the partner; ranking by ``argsort`` (batched over M) makes that count exact, unlike a threshold.
+    the partner, selected per row (batched over M) so that the count is exact, unlike a fixed threshold.
     With ``max_soft > 0`` the ``2·s`` pixels around the cut (s = floor(H·W·min(max_soft, λ, 1−λ))) get a linear
     ramp instead of a hard edge; the ramp is symmetric, so the partner's share stays exact.
 
@@ -287,15 +313,16 @@ def sample_fmix_mask(
     noise = torch.randn(count, height, width // 2 + 1, 2, device=noise_device, generator=generator)
     spectrum = torch.view_as_complex(noise.to(device)) * _frequency_scale(height, width, decay_power, device)
     field = torch.fft.irfft2(spectrum, s=(height, width)).reshape(count, pixels)
-    order = torch.argsort(field, dim=1, descending=True)
-    rank = torch.arange(pixels, device=device, dtype=torch.float32).view(1, -1)
-    n_partner = torch.round((1.0 - lam) * pixels).view(-1, 1)
+    n_partner = torch.round((1.0 - lam) * pixels)
     if max_soft == 0.0:
-        partner_sorted = rank < n_partner
+        keep = ~_largest(field, n_partner.long())
     else:
+        order = torch.argsort(field, dim=1, descending=True)
+        rank = torch.arange(pixels, device=device, dtype=torch.float32).view(1, -1)
+        n_partner = n_partner.view(-1, 1)
         soft = torch.floor(pixels * torch.minimum(lam, 1.0 - lam).clamp(max=max_soft)).view(-1, 1)
         ramp = ((n_partner + soft - rank - 0.5) / (2.0 * soft).clamp_min(1.0)).clamp(0.0, 1.0)
         partner_sorted = torch.where(soft > 0, ramp, (rank < n_partner).float())
-    partner = torch.empty_like(partner_sorted).scatter_(1, order, partner_sorted)
-    keep = (~partner if max_soft == 0.0 else 1.0 - partner).view(count, height, width)
+        keep = 1.0 - torch.empty_like(partner_sorted).scatter_(1, order, partner_sorted)
+    keep = keep.view(count, height, width)
     return keep, keep.float().mean(dim=(1, 2))
