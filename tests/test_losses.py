@@ -183,9 +183,12 @@ def test_focal_under_cpu_autocast_bfloat16():
     torch.testing.assert_close(loss, focal_loss(logits.detach().float(), target))
 
 
-def test_focal_saturated_probability_gamma_below_one_has_zero_not_nan_gradient():
-    logits = torch.tensor([[100.0, 0.0, 0.0]], requires_grad=True)
-    for target in (torch.tensor([0]), torch.tensor([[1.0, 0.0, 0.0]])):
+@pytest.mark.parametrize("classes", [3, 20])
+def test_focal_saturated_probability_gamma_below_one_has_zero_not_nan_gradient(classes):
+    logits = torch.zeros(1, classes)
+    logits[0, 0] = 200.0
+    logits.requires_grad_()
+    for target in (torch.tensor([0]), F.one_hot(torch.tensor([0]), classes).float()):
         loss = focal_loss(logits, target, gamma=0.5)
         (grad,) = torch.autograd.grad(loss, logits)
         assert loss.item() == 0.0

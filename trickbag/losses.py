@@ -164,35 +164,36 @@ def _smooth(probs: Tensor, smoothing: float, style: str) -> Tensor:
 # ---------------------------------------------------------------- focal loss
 
 
-# CPU kernels: log_softmax/softmax are vectorised along C and lose to logsumexp/exp below ~16 classes.
+def _focal_term(log_p: Tensor, gamma: float) -> Tensor:
+    """-(1 - p)^gamma log p elementwise, through autograd."""
+    if gamma == 0.0:
+        return -log_p
+    # expm1 keeps 1 - p exact for p near 1. The clamp keeps the gradient finite for gamma < 1 at p = 1
+    # (0 * inf in d(1-p)^gamma/dp); the true gradient there is 0, which is what the clamp gives.
+    one_minus_p = (-torch.expm1(log_p)).clamp_min(torch.finfo(log_p.dtype).tiny)
+    return -one_minus_p.pow(gamma) * log_p
+
+
+# On CPU, log_softmax/softmax kernels are vectorised along C and are slow below ~16 classes, where
+# logsumexp is fast; CE itself pays that (a 65536 x 10 CE is ~3x slower than our small-C path).
 _SMALL_C = 16
 
 
-def _softmax(x: Tensor) -> Tensor:
-    if x.shape[1] >= _SMALL_C:
-        return torch.softmax(x, dim=1)
-    return torch.exp(x - torch.logsumexp(x, dim=1, keepdim=True))
+class _SmallClassFocalFunction(torch.autograd.Function):
+    """Per-sample focal loss for index targets and C < 16, with a hand-derived backward.
 
-
-class _FocalIndexFunction(torch.autograd.Function):
-    """Per-sample focal loss for index targets with a hand-derived backward.
-
-    Saves only the logits, the targets and one (M,) coefficient (CE saves an (M, C) log_softmax), never
-    builds an (M, C) one-hot, and keeps gamma < 1 finite at p_t = 1, where plain autograd gets 0 * inf
-    from the derivative of (1 - p)^gamma.
+    Saves the logits, the targets and one (M,) coefficient, about what CE saves (its (M, C) log_softmax
+    plus targets), where autograd through logsumexp would also keep the (M,) log-sum-exp.
     """
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, weight: Tensor | None, gamma: float) -> Tensor:
         x = logits.to(_compute_dtype(logits))
-        if x.shape[1] >= _SMALL_C:
-            log_p = torch.log_softmax(x, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
-        else:
-            log_p = x.gather(1, target.unsqueeze(1)).squeeze(1) - torch.logsumexp(x, dim=1)
+        log_p = x.gather(1, target.unsqueeze(1)).squeeze(1) - torch.logsumexp(x, dim=1)
         if gamma == 0.0:
             loss, coefficient = -log_p, torch.full_like(log_p, -1.0)
         else:
-            one_minus_p = -torch.expm1(log_p)  # exact for p near 1, where 1 - exp(log_p) cancels
+            one_minus_p = -torch.expm1(log_p)
             modulator = one_minus_p.pow(gamma)
             loss = -modulator * log_p
             # dL/dlog_p = -u^g (1 - g p log_p / u) with u = 1 - p. Where u = 0 the factor u^g is 0, so
@@ -209,23 +210,28 @@ class _FocalIndexFunction(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         logits, target, coefficient = ctx.saved_tensors
         scale = (grad_loss * coefficient).unsqueeze(1)
+        x = logits.to(coefficient.dtype)
         # dlog_p_t/dx_j = onehot_j - softmax_j; softmax is recomputed rather than stored.
-        grad = _softmax(logits.to(coefficient.dtype)).mul_(-scale)
+        grad = torch.exp(x - torch.logsumexp(x, dim=1, keepdim=True)).mul_(-scale)
         grad.scatter_add_(1, target.unsqueeze(1), scale)
         return grad.to(logits.dtype), None, None, None
 
 
+def _focal_index(logits: Tensor, target: Tensor, weight: Tensor | None, gamma: float) -> Tensor:
+    """Per-sample -w_t (1 - p_t)^gamma log p_t, (M,), without an (M, C) one-hot."""
+    if logits.shape[1] < _SMALL_C:
+        return _SmallClassFocalFunction.apply(logits, target, weight, gamma)
+    # CE's own graph (log_softmax, gather) plus a few (M,) ops, so time and memory stay at CE's.
+    log_p = torch.log_softmax(logits.to(_compute_dtype(logits)), dim=1)
+    loss = _focal_term(log_p.gather(1, target.unsqueeze(1)).squeeze(1), gamma)
+    return loss if weight is None else loss * weight
+
+
 def _focal_soft(logits: Tensor, probs: Tensor, weight: Tensor | None, gamma: float) -> Tensor:
-    """Per-sample -sum_c w_c q_c (1 - p_c)^gamma log p_c via autograd, (M,)."""
+    """Per-sample -sum_c w_c q_c (1 - p_c)^gamma log p_c, (M,)."""
     log_p = torch.log_softmax(logits.to(_compute_dtype(logits)), dim=1)
     q = probs.to(log_p.dtype)
-    if weight is not None:
-        q = q * weight
-    if gamma == 0.0:
-        return -(q * log_p).sum(1)
-    # The clamp keeps the gradient finite for gamma < 1 at p = 1, where the true factor tends to 0.
-    modulator = (-torch.expm1(log_p)).clamp_min(torch.finfo(log_p.dtype).tiny).pow(gamma)
-    return -(q * modulator * log_p).sum(1)
+    return (_focal_term(log_p, gamma) * (q if weight is None else q * weight)).sum(1)
 
 
 def _check_focal_args(gamma, alpha, label_smoothing, reduction) -> None:
@@ -298,7 +304,7 @@ def focal_loss(
             probs = probs if valid is None else probs * valid.unsqueeze(1)
             loss = _focal_soft(flat_logits, probs, class_weight, gamma)
         else:
-            loss = _FocalIndexFunction.apply(flat_logits, safe_target, sample_weight, gamma)
+            loss = _focal_index(flat_logits, safe_target, sample_weight, gamma)
         denominator = loss.shape[0] if sample_weight is None else sample_weight.sum()
     if scale != 1.0:
         loss = loss * scale
