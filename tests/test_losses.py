@@ -168,11 +168,12 @@ def test_focal_half_precision_extreme_logits_finite_and_close_to_float32(dtype, 
         )
 
 
-def test_focal_under_cpu_autocast_bfloat16():
+@pytest.mark.parametrize("classes", [10, 40])
+def test_focal_under_cpu_autocast_bfloat16(classes):
     generator = torch.Generator().manual_seed(12)
-    layer = torch.nn.Linear(8, 10)
+    layer = torch.nn.Linear(8, classes)
     inputs = torch.randn(12, 8, generator=generator) * 1e3
-    target = torch.randint(0, 10, (12,), generator=generator)
+    target = torch.randint(0, classes, (12,), generator=generator)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = layer(inputs)
         assert logits.dtype == torch.bfloat16
