@@ -206,7 +206,7 @@ def fit(model: nn.Module, loaders: Loaders, parts: Parts, cfg, state: TrainState
             if cfg.train.nan_policy == "skip" and not torch.isfinite(loss):
                 skipped += 1
             else:
-                parts.precision.backward(loss / group_size)
+                parts.precision.backward(loss / group_size if group_size > 1 else loss)
                 window.append(loss.detach())
             images += len(x)
             if last:
@@ -228,7 +228,8 @@ def fit(model: nn.Module, loaders: Loaders, parts: Parts, cfg, state: TrainState
                         log.info(f"epoch {epoch + 1} update {state.updates}: loss {running:.4f} lr {lr:.4g}")
                         progress.describe(loss=running, lr=lr)
                     window = []
-            progress.advance(images / max(time.perf_counter() - started, 1e-9))
+            if progress.bar is not None:
+                progress.advance(images / max(time.perf_counter() - started, 1e-9))
         if skipped:
             log.info(
                 f"epoch {epoch + 1}: skipped {skipped} micro-batches with a non-finite loss (nan_policy=skip)"
