@@ -549,3 +549,23 @@ def test_accelerator_path_without_host_checks_gives_same_values(monkeypatch):
     torch.testing.assert_close(focal_loss(logits, target, alpha=alpha), expected[0])
     torch.testing.assert_close(focal_loss(logits, all_valid, gamma=0.5), expected[1])
     torch.testing.assert_close(focal_loss(logits, all_valid, gamma=0.0), F.cross_entropy(logits, all_valid))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("classes", [10, 100])
+def test_focal_on_cuda_matches_cpu_and_is_finite_under_autocast(classes):
+    logits, target = make(64, classes, seed=30, dtype=torch.float32)
+    alpha = torch.linspace(0.5, 2.0, classes)
+    expected = focal_loss(logits, target, alpha=alpha)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    on_gpu = logits.detach().cuda().requires_grad_()
+    loss = focal_loss(on_gpu, target.cuda(), alpha=alpha.cuda())
+    (grad,) = torch.autograd.grad(loss, on_gpu)
+    torch.testing.assert_close(loss.cpu(), expected)
+    torch.testing.assert_close(grad.cpu(), expected_grad)
+    with torch.autocast("cuda", dtype=torch.float16):
+        half = (on_gpu.detach() * 1e4).half().requires_grad_()
+        extreme = focal_loss(half, target.cuda(), gamma=0.5)
+    extreme.backward()
+    assert torch.isfinite(extreme) and torch.isfinite(half.grad).all()
