@@ -85,7 +85,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small batches and 2 repeats (smoke test)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     shapes = [(64, 3, 32, 32), (8, 3, 224, 224)] if args.quick else [(512, 3, 32, 32), (128, 3, 224, 224)]
     repeats = 2 if args.quick else args.repeats

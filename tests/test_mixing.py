@@ -128,7 +128,7 @@ def test_fmix_equals_loop(per_sample):
     masks, _ = sample_fmix_mask(lam, height, width, generator=seeded(8))
     out, _ = fmix(x, labels, num_classes=n, lam=lam, perm=perm, generator=seeded(8))
     for i in range(n):
-        keep = masks[i if per_sample else 0]
+        keep = masks[i if per_sample else 0].bool()
         assert torch.equal(out[i], torch.where(keep, x[i], x[perm[i]]))
 
 
@@ -169,7 +169,8 @@ def test_fmix_partner_pixel_count_is_exact(lam, size):
 def test_fmix_mask_is_binary_nonsquare_and_low_frequency():
     height, width, lam = 32, 48, torch.full((64,), 0.5)
     masks, real = sample_fmix_mask(lam, height, width, generator=seeded(0))
-    assert masks.dtype == torch.bool and masks.shape == (64, height, width)
+    assert masks.dtype == torch.float32 and masks.shape == (64, height, width)
+    assert set(masks.unique().tolist()) == {0.0, 1.0}
     torch.testing.assert_close(real, torch.full((64,), 0.5))
     white = (
         torch.rand(64, height, width, generator=seeded(1)).flatten(1).argsort(1).argsort(1)
@@ -623,6 +624,8 @@ def test_largest_selection_equals_sort_reference_with_ties(pixels):
         count = torch.randint(0, pixels + 1, (6,), generator=generator)
         count[0], count[-1] = 0, pixels
         chosen = _largest(values, count)
+        assert set(chosen.unique().tolist()) <= {0.0, 1.0}
+        chosen = chosen.bool()
         assert chosen.sum(1).tolist() == count.tolist()
         for row in range(6):
             ordered = values[row].sort(descending=True).values

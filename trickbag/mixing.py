@@ -76,7 +76,12 @@ def _no_partner(x: torch.Tensor, soft: torch.Tensor, name: str):
 
 def _partner(t: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     """``t`` paired by ``perm`` (None: reversed); always a new tensor (flip and indexing copy), safe to write."""
-    return t.flip(0) if perm is None else t[perm]
+    if perm is None:
+        return t.flip(0)
+    if t.requires_grad:  # out= variants do not record autograd (mixing hidden features, Manifold Mixup)
+        return t[perm]
+    # index_select is ~3x faster than t[perm] on CPU; empty_like keeps the memory format (channels_last).
+    return torch.index_select(t, 0, perm, out=torch.empty_like(t))
 
 
 def _same_format(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -97,13 +102,6 @@ def _blend(x: torch.Tensor, perm: torch.Tensor | None, weight: torch.Tensor) -> 
     # much as a copy on CPU. lerp computes start + w·(end − start) for w < 0.5 and end − (end − start)·(1 − w)
     # otherwise, so weights 0 and 1 reproduce finite pixels exactly: masks can paste through it.
     return _partner(x, perm).lerp_(x, weight.to(x.dtype))
-
-
-def _paste(x: torch.Tensor, perm: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
-    """x where ``keep`` (bool, broadcastable to x) else x[perm], exactly."""
-    if x.dtype == torch.uint8:
-        return torch.where(keep, x, _partner(x, perm))
-    return _blend(x, perm, keep.to(x.dtype))  # torch.where is ~3× slower than lerp on CPU
 
 
 def _mix_targets(soft: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
@@ -168,10 +166,10 @@ def cutmix(x, target, *, alpha=1.0, num_classes=None, per_sample=False, pairing=
         mixed = x.clone()  # keeps the memory format
         if y1 > y0 and x1 > x0:
             region = x[:, :, y0:y1, x0:x1]
-            mixed[:, :, y0:y1, x0:x1] = region.flip(0) if perm is None else region[perm]
+            mixed[:, :, y0:y1, x0:x1] = region.flip(0) if perm is None else region.index_select(0, perm)
     else:
         inside = box_masks(boxes.to(x.device, non_blocking=True), height, width).unsqueeze(1)
-        mixed = _paste(x, perm, ~inside)
+        mixed = _blend(x, perm, 1.0 - inside)
     return _same_format(mixed, x), _mix_targets(soft, lam, perm)
 
 
@@ -200,11 +198,7 @@ def fmix(x, target, *, alpha=1.0, decay_power=3.0, num_classes=None, per_sample=
     keep, lam = sample_fmix_mask(
         lam, height, width, decay_power=decay_power, max_soft=max_soft, generator=generator, device=x.device
     )
-    keep = keep.unsqueeze(1)
-    if keep.dtype == torch.bool:
-        mixed = _paste(x, perm, keep)
-    else:
-        mixed = _blend(x, perm, keep)
+    mixed = _blend(x, perm, keep.unsqueeze(1))
     return _same_format(mixed, x), _mix_targets(soft, lam, perm)
 
 
@@ -362,13 +356,13 @@ class BatchMixer:
         rows = (applied & (method == 1)).nonzero().squeeze(1)
         if rows.numel():
             boxes, lam[rows] = cutmix_boxes(lam[rows], height, width, generator=g)
-            keep[rows.to(device)] = (~box_masks(boxes.to(device), height, width)).float()
+            keep[rows.to(device)] = 1.0 - box_masks(boxes.to(device), height, width)
         rows = (applied & (method == 2)).nonzero().squeeze(1)
         if rows.numel():
             masks, lam[rows] = sample_fmix_mask(
                 lam[rows], height, width, decay_power=self.fmix_decay_power, generator=g, device=device
             )
-            keep[rows.to(device)] = masks.float()
+            keep[rows.to(device)] = masks
         mixed = _blend(x, perm, keep.unsqueeze(1))
         return _same_format(mixed, x), _mix_targets(soft, lam.to(device), perm)
 
