@@ -128,6 +128,8 @@ def main() -> None:
                 f"  N={n} C={c} {name}: {ratios[name]:.2f} (target {sign} {limit}) {'PASS' if ok else 'MISS'}"
             )
     print("\n".join(verdicts))
+    if args.quick:
+        print("--quick: sizes too small for the targets (per-call overhead dominates); smoke test only")
 
 
 if __name__ == "__main__":
