@@ -175,27 +175,29 @@ def test_train_errors_are_clear(tmp_path, capsys):
     assert "not a checkpoint" in capsys.readouterr().err
 
 
-def test_corrupt_image_named_in_error(tmp_path, capsys):
+@pytest.mark.filterwarnings("ignore:skipped 1 image")
+def test_image_folder_corrupt_image_named_then_skipped(tmp_path, capsys):
+    from PIL import Image
+
     root = tmp_path / "folder"
     for split in ("train", "test"):
         for label in ("a", "b"):
             (root / split / label).mkdir(parents=True)
-            from PIL import Image
-
-            for i in range(3):
-                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / split / label / f"{i}.png")
+            for i in range(6):
+                colour = (200, 30 * i, 0) if label == "a" else (0, 30 * i, 200)
+                Image.new("RGB", (8, 8), colour).save(root / split / label / f"{i}.png")
     broken = root / "train" / "b" / "broken.png"
     broken.write_bytes(b"not an image at all")
-    code = run_cli(
-        "train",
-        "recipes/digits.yaml",
-        "data.kind=image_folder",
-        f"data.root={root}",
-        f"output_dir={tmp_path / 'r'}",
-        "--quiet",
-    )
-    assert code == 2
+    argv = ["train", "recipes/digits.yaml", *TINY, "data.kind=image_folder", f"data.root={root}",
+            f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=1", "batch_size=4"]  # fmt: skip
+    assert run_cli(*argv, f"output_dir={tmp_path / 'r1'}", "--quiet") == 2
     assert "broken.png" in capsys.readouterr().err
+    assert run_cli(*argv, "data.skip_bad_images=true", f"output_dir={tmp_path / 'r2'}", "--quiet") == 0
+    run_dir = only_run(tmp_path / "r2")
+    assert "broken.png" in (run_dir / "train.log").read_text()  # listed, never silently dropped
+    capsys.readouterr()
+    assert run_cli("eval", str(run_dir), "--data", str(root / "test")) == 0
+    assert "12 images" in capsys.readouterr().out
 
 
 def test_help_has_examples(capsys):

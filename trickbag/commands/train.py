@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,35 +135,64 @@ def resolve_device(name: str):
     return device
 
 
-def load_datasets(cfg):
-    """(train, val) ImageSets of the config's data section."""
+def load_datasets(cfg, log=print):
+    """(train, eval) ImageSets of the config's data section; skipped bad images are reported through ``log``."""
     from trickbag import data
 
     section = cfg.data
     test = None
+    options = {
+        "cache_dir": section.cache_dir,
+        "skip_bad_images": section.skip_bad_images,
+        "num_workers": section.num_workers,
+    }
     if section.kind == "digits":
         train, test = data.load_digits()
     elif section.kind == "image_folder":
         if section.root is None:
             raise ValueError("data.root is required for data.kind=image_folder")
         root = Path(section.root)
-        options = {
-            "cache_dir": section.cache_dir,
-            "skip_bad_images": section.skip_bad_images,
-            "num_workers": section.num_workers,
-        }
         train = data.load_image_folder(root / section.train_dir, **options)
-        if (root / section.test_dir).is_dir():
-            test = data.load_image_folder(root / section.test_dir, **options)
+        if section.val_fraction == 0 and (root / section.test_dir).is_dir():
+            test = align_classes(data.load_image_folder(root / section.test_dir, **options), train.classes)
     else:
         if section.csv is None:
             raise ValueError("data.csv is required for data.kind=csv")
-        train = data.load_csv(section.csv, root=section.root)
+        train = data.load_csv(section.csv, root=section.root, **options)
+    for imageset in (train, test):
+        if imageset is not None and imageset.skipped:
+            log(
+                f"skipped {len(imageset.skipped)} unreadable images (data.skip_bad_images): {imageset.skipped}"
+            )
     if section.val_fraction > 0:
         return data.split_validation(train, section.val_fraction, cfg.seed)
     if test is None:
         raise ValueError(f"data.kind={section.kind} has no test set here: set data.val_fraction (e.g. 0.1)")
     return train, test
+
+
+def align_classes(imageset, classes: list[str]):
+    """Relabel ``imageset`` to the class indices of ``classes`` (a test folder may lack some classes)."""
+    import torch
+
+    unknown = [name for name in imageset.classes if name not in classes]
+    if unknown:
+        raise ValueError(f"class folders {unknown} are not among the training classes {classes}")
+    mapping = torch.tensor([classes.index(name) for name in imageset.classes], dtype=torch.int64)
+    imageset.labels = mapping[imageset.labels]
+    imageset.classes = list(classes)
+    return imageset
+
+
+def match_channels(images, channels: int):
+    """(N, C, H, W) uint8 to ``channels`` channels: RGB -> grey by the mean, grey -> repeated."""
+    import torch
+
+    if images.shape[1] == channels:
+        return images
+    if channels == 1:
+        return images.float().mean(1, keepdim=True).round().to(torch.uint8)
+    return images[:, :1].expand(-1, channels, -1, -1).contiguous()
 
 
 def build_model_for(cfg, num_classes: int, in_channels: int, device):
@@ -202,7 +232,7 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
         torch.use_deterministic_algorithms(True, warn_only=True)
     logger = RunLogger(run_dir, tensorboard=cfg.logging.tensorboard, quiet=quiet)
     device = resolve_device(cfg.device)
-    train_set, val_set = load_datasets(cfg)
+    train_set, val_set = load_datasets(cfg, logger.info)
     classes, num_classes = list(train_set.classes), len(train_set.classes)
     counts = torch.bincount(train_set.labels, minlength=num_classes)
     advice = _advice(train_set.labels, classes)
@@ -382,7 +412,6 @@ def handle_train(args) -> int:
 
 def print_summary(run: Run, state) -> None:
     """The end-of-run table: best epochs, their scores and checkpoint paths."""
-    import sys
 
     from rich.console import Console
     from rich.table import Table
@@ -411,52 +440,34 @@ def print_summary(run: Run, state) -> None:
 
 
 def handle_eval(args) -> int:
-    import torch
+    from rich.console import Console
+    from rich.table import Table
 
     from trickbag import data
+    from trickbag.config import config_from_dict
+    from trickbag.metrics import ClassificationMetrics
     from trickbag.train import evaluate, make_loss
 
     device = resolve_device("auto")
     model, ckpt = load_model(args.checkpoint, device)
-    classes = ckpt.meta["classes"]
+    classes, (channels, height, width) = ckpt.meta["classes"], ckpt.meta["image_shape"]
     if args.data:
-        imageset = data.load_image_folder(args.data)
-        _check_classes(imageset.classes, classes, args.data)
-        images, labels = (
-            imageset.images,
-            torch.tensor([classes.index(imageset.classes[i]) for i in imageset.labels.tolist()]),
-        )
-    else:
-        from trickbag.config import config_from_dict
-
-        _, val_set = load_datasets(config_from_dict(ckpt.meta["config"]))
-        images, labels = val_set.images, val_set.labels
-    from trickbag.metrics import ClassificationMetrics
-
+        imageset = align_classes(data.load_image_folder(args.data, size=(height, width)), classes)
+    else:  # the evaluation set the run itself used (same seed, same split)
+        _, imageset = load_datasets(config_from_dict(ckpt.meta["config"], str(ckpt.path / "meta.json")))
+    images = match_channels(imageset.images, channels)
     loader = data.BatchLoader.for_eval(
-        images, labels, batch_size=256, device=device, mean=ckpt.meta["mean"], std=ckpt.meta["std"]
+        images, imageset.labels, batch_size=256, device=device, mean=ckpt.meta["mean"], std=ckpt.meta["std"]
     )
     metrics = ClassificationMetrics(len(classes), class_names=classes, zero_division=0.0)
     scores = evaluate(model, loader, make_loss(num_classes=len(classes)), metrics, flip_tta=args.flip_tta)
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{ckpt.path} on {args.data or 'its evaluation set'} ({len(labels)} images)")
+    table = Table(title=f"{ckpt.path.name} on {args.data or 'its evaluation set'} ({len(images)} images)")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in scores.items():
         table.add_row(key, f"{value:.4f}")
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
     return 0
-
-
-def _check_classes(found: list[str], known: list[str], where: str) -> None:
-    unknown = [name for name in found if name not in known]
-    if unknown:
-        raise ValueError(f"{where}: class folders {unknown} are not classes of the checkpoint {known}")
-
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def handle_predict(args) -> int:
@@ -469,29 +480,15 @@ def handle_predict(args) -> int:
 
     device = resolve_device("auto")
     model, ckpt = load_model(args.checkpoint, device)
-    classes = ckpt.meta["classes"]
+    classes, (channels, height, width) = ckpt.meta["classes"], ckpt.meta["image_shape"]
     paths, labels = [], []
     for item in args.images:
-        item = Path(item)
-        if item.is_dir():
-            for file in sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-                paths.append(file)
-                labels.append(file.parent.name if file.parent != item and file.parent.name in classes else "")
-        elif item.is_file():
-            paths.append(item)
-            labels.append("")
-        else:
-            raise FileNotFoundError(f"image or folder not found: {item}")
-    if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {args.images}")
-    channels, height, width = ckpt.meta["image_shape"]
-    images = data.load_images([str(p) for p in paths], size=(height, width))
-    if images.shape[1] != channels:  # greyscale model fed colour files or the reverse
-        images = (
-            images.float().mean(1, keepdim=True).round().to(torch.uint8)
-            if channels == 1
-            else images.expand(-1, channels, -1, -1)
-        )
+        for file in map(Path, data.list_images(item)):
+            paths.append(file)
+            # The true class is known when the image sits in a subfolder named after a class.
+            inside = Path(item).is_dir() and file.parent != Path(item)
+            labels.append(file.parent.name if inside and file.parent.name in classes else "")
+    images = match_channels(data.load_images([str(p) for p in paths], size=(height, width)), channels)
     loader = data.BatchLoader.for_eval(
         images, None, batch_size=args.batch_size, device=device, mean=ckpt.meta["mean"], std=ckpt.meta["std"]
     )
@@ -501,14 +498,14 @@ def handle_predict(args) -> int:
             logits = flip_tta_logits(model, x) if args.flip_tta else model(x).float()
             probabilities.append(logits.softmax(1).cpu())
     probs = torch.cat(probabilities)
+    predicted = probs.argmax(1).tolist()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "predicted", *(f"p_{name}" for name in classes)])
-        for path, label, row in zip(paths, labels, probs.tolist()):
-            predicted = classes[max(range(len(row)), key=row.__getitem__)]
-            writer.writerow([str(path), label, predicted, *(f"{p:.6f}" for p in row)])
+        for path, label, index, row in zip(paths, labels, predicted, probs.tolist()):
+            writer.writerow([str(path), label, classes[index], *(f"{p:.6f}" for p in row)])
     print(f"wrote {len(paths)} predictions to {out}")
     return 0
 
