@@ -98,6 +98,16 @@ def test_train_produces_all_files_and_eval_predict_report(tmp_path, capsys):
     for row in table:
         assert abs(sum(float(row[f"p_{c}"]) for c in range(10)) - 1) < 1e-4
 
+    student_out = tmp_path / "student"
+    teacher = f"distill.teacher={run_dir / 'best_metric'}"
+    assert (
+        run_cli(
+            "train", "recipes/digits.yaml", *TINY, "epochs=1", teacher, f"output_dir={student_out}", "--quiet"
+        )
+        == 0
+    )
+    assert (only_run(student_out) / "last").is_symlink()
+
     assert run_cli("report", str(run_dir)) == 0
     assert (run_dir / "report.png").stat().st_size > 1000
     page = (run_dir / "report.html").read_text()

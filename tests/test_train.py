@@ -346,3 +346,42 @@ def test_empty_loader_is_an_error():
     cfg = config()
     with pytest.raises(ValueError, match="yields no batches"):
         fit(model, Loaders(ListLoader([])), parts_for(model, cfg, 1), cfg, TrainState())
+
+
+def test_distillation_term_matches_formula():
+    from trickbag.losses import distillation_loss
+    from trickbag.train import training_loss
+
+    x, y = data(8)
+    student, teacher = tiny_model(0), tiny_model(1).eval()
+    cfg = config("distill.alpha=0.3", "distill.temperature=2.0")
+    parts = parts_for(student, cfg, 1, teacher=teacher)
+    loss = training_loss(student, x, y, parts, cfg)
+    logits, teacher_logits = student(x), teacher(x).detach()
+    hard = F.cross_entropy(logits, y)
+    soft = distillation_loss(logits, teacher_logits, temperature=2.0, alpha=1.0)
+    torch.testing.assert_close(loss, 0.7 * hard + 0.3 * soft)
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher is not trained
+
+
+def test_bf16_autocast_trains_on_cpu():
+    x, y = data(16)
+    model = tiny_model()
+    cfg = config("epochs=2", "precision=bf16")
+    parts = parts_for(model, cfg, 2)
+    parts.precision = Precision("bf16", "cpu")
+    state = fit(model, Loaders(ListLoader([(x[:8], y[:8]), (x[8:], y[8:])])), parts, cfg)
+    assert math.isfinite(state.history[-1]["train_loss"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32 under autocast
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match=r"pip install 'trickbag\[tensorboard\]'"):
+            RunLogger(tmp_path, tensorboard=True)
+    else:
+        RunLogger(tmp_path, tensorboard=True).close()
+        assert (tmp_path / "tensorboard").is_dir()
