@@ -5,6 +5,7 @@ as plain tensors) and ``_x_compute`` (the reduction), checked against scikit-lea
 """
 
 from trickbag.metrics._checks import UndefinedMetricWarning
+from trickbag.metrics.advice import Advice, advise
 from trickbag.metrics.classification import (
     ClassificationMetrics,
     accuracy,
@@ -14,6 +15,7 @@ from trickbag.metrics.classification import (
     recall,
     roc_auc,
 )
+from trickbag.metrics.plots import plot_confusion_matrix
 from trickbag.metrics.ranking import map_at_k, mrr, ndcg, ranking_from_flat, recall_at_k
 from trickbag.metrics.regression import (
     RegressionMetrics,
@@ -42,4 +44,7 @@ __all__ = [
     "ndcg",
     "ranking_from_flat",
     "recall_at_k",
+    "Advice",
+    "advise",
+    "plot_confusion_matrix",
 ]
