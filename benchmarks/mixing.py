@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from trickbag.mixing import BatchMixer, cutmix, fmix, mixup, sample_fmix_mask
+from trickbag.mixing import BatchMixer, _blend, cutmix, fmix, mixup, sample_fmix_mask
 from trickbag.mixing_masks import cutmix_boxes
 
 
@@ -71,8 +71,8 @@ def cases(x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
     yield "cutmix", "sample, loop", lambda: cutmix_loop(x, boxes, perm.tolist())
     yield "fmix", "batch", lambda: fmix(x, labels, **kw)
     yield "fmix", "sample", lambda: fmix(x, labels, per_sample=True, **kw)
-    yield "fmix (mask given)", "batch", lambda: torch.where(keep_batch.unsqueeze(1), x, x[perm])
-    yield "fmix (mask given)", "sample", lambda: torch.where(keep_each.unsqueeze(1), x, x[perm])
+    yield "fmix (mask given)", "batch", lambda: _blend(x, perm, keep_batch.unsqueeze(1))
+    yield "fmix (mask given)", "sample", lambda: _blend(x, perm, keep_each.unsqueeze(1))
     yield "fmix mask only", "batch", lambda: sample_fmix_mask(0.6, height, width, generator=generator)
     yield "fmix mask only", "sample", lambda: sample_fmix_mask(lam, height, width, generator=generator)
     yield "BatchMixer", "sample, all 3", lambda: sample_mixer(x, labels)
