@@ -381,3 +381,22 @@ def test_auroc_many_classes_equals_sklearn():
     target = torch.arange(2000) % 50
     ref = skm.roc_auc_score(target.numpy(), probs.numpy(), multi_class="ovr")
     assert roc_auc(probs, target) == pytest.approx(ref, abs=1e-12)
+
+
+def test_from_logits_and_inference_mode_state():
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(60, 4, generator=gen)
+    target = torch.randint(0, 4, (60,), generator=gen)
+    metrics = ClassificationMetrics(4, from_logits=True)
+    with torch.inference_mode():
+        metrics.reset()
+        metrics.update(logits[:30], target[:30])
+    metrics.update(logits[30:], target[30:])  # state made under inference_mode, updated outside it
+    probs = logits.double().softmax(1).numpy()
+    ref = skm.roc_auc_score(target.numpy(), probs / probs.sum(1, keepdims=True), multi_class="ovr")
+    result = metrics.compute()
+    assert result["auroc"] == pytest.approx(ref, abs=1e-6)
+    assert result["accuracy"] == pytest.approx(skm.accuracy_score(target.numpy(), logits.argmax(1).numpy()))
+    raw = ClassificationMetrics(4)
+    raw.update(logits, target)
+    assert raw.compute()["auroc"] == pytest.approx(roc_auc(logits, target))

@@ -327,9 +327,9 @@ class ClassificationMetrics:
     """Streaming accuracy, top-k, precision/recall/F1, balanced accuracy and AUROC over batches.
 
     State (all plain tensors, see :meth:`state_tensors`): the (C, C) int64 confusion matrix, top-k hit counts,
-    and, for exact AUROC, every score row (used as given: pass ``logits.softmax(1)`` for the usual
-    probability-based AUROC; accuracy and F1 are the same either way) ((N, C) float32: 40 MB for 1M samples x 10 classes; a fixed-bin
-    histogram would be smaller but approximate). ``compute()`` equals the one-shot functions on the
+    and, for exact AUROC, every score row ((N, C) float32: 40 MB for 1M samples x 10 classes; a fixed-bin
+    histogram would be smaller but only approximate). Scores are used as given unless ``from_logits=True``
+    (then softmaxed first, the usual probability-based AUROC). ``compute()`` equals the one-shot functions on the
     concatenated batches, whatever the batch sizes.
 
     Args:
@@ -337,6 +337,9 @@ class ClassificationMetrics:
         class_names: optional C names for :meth:`per_class`.
         top_k: extra top-k accuracies to report as ``"top{k}_accuracy"`` (only for 1 < k < C; needs scores).
         with_auc: keep scores and report macro one-vs-rest ``"auroc"``.
+        from_logits: softmax the (N, C) scores before keeping them for AUROC (sklearn's multiclass AUROC is
+            defined on probabilities). Off by default: nothing is squashed unless asked. Accuracy, top-k and
+            F1 do not depend on it.
         zero_division: as in :func:`f1_score`.
 
     Usage::
@@ -354,6 +357,7 @@ class ClassificationMetrics:
         class_names: Sequence[str] | None = None,
         top_k: Sequence[int] = (1,),
         with_auc: bool = True,
+        from_logits: bool = False,
         zero_division: float | str = "warn",
     ) -> None:
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
@@ -370,6 +374,7 @@ class ClassificationMetrics:
         )
         self.top_k = tuple(sorted({k for k in top_k if 1 < k < num_classes}))
         self.with_auc = bool(with_auc)
+        self.from_logits = bool(from_logits)
         self.zero_division = zero_division
         self.reset()
 
@@ -399,14 +404,16 @@ class ClassificationMetrics:
         if self._confusion.device != device:
             self._confusion = self._confusion.to(device)
             self._topk_correct = self._topk_correct.to(device)
-        self._confusion += _confusion_matrix_update(pred_labels, target, self.num_classes)
+        # out of place, so state made under torch.inference_mode() can still be updated outside it
+        self._confusion = self._confusion + _confusion_matrix_update(pred_labels, target, self.num_classes)
         if kind == "scores" and pred_labels.numel():
-            self._topk_correct += _topk_correct_update(preds, target, self.top_k)
+            self._topk_correct = self._topk_correct + _topk_correct_update(preds, target, self.top_k)
             if self.with_auc:
                 # float32 keeps halves/bfloat16 exact and is half the memory of float64; a copy, so a
                 # caller reusing its output buffer cannot change what was recorded
                 dtype = torch.float64 if preds.dtype == torch.float64 else torch.float32
-                self._scores.append(preds.detach().to(dtype, copy=True))
+                scores = preds.detach().to(dtype, copy=True)
+                self._scores.append(scores.softmax(dim=1) if self.from_logits else scores)
                 self._targets.append(target)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
