@@ -400,3 +400,20 @@ def test_from_logits_and_inference_mode_state():
     raw = ClassificationMetrics(4)
     raw.update(logits, target)
     assert raw.compute()["auroc"] == pytest.approx(roc_auc(logits, target))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_equals_cpu():
+    gen = torch.Generator().manual_seed(10)
+    logits = torch.randn(500, 6, generator=gen)
+    target = torch.randint(0, 6, (500,), generator=gen)
+    results = []
+    for device in ("cpu", "cuda"):
+        metrics = ClassificationMetrics(6, top_k=(1, 5), from_logits=True)
+        for part in _batches(500, [100, 250, 150]):
+            metrics.update(logits[part].to(device), target[part].to(device))
+        results.append(metrics.compute())
+        assert metrics.confusion_matrix().device.type == device
+    assert results[0] == pytest.approx(results[1], abs=1e-6)
+    _close(roc_auc(logits.cuda(), target.cuda(), average=None), roc_auc(logits, target, average=None))

@@ -257,3 +257,15 @@ def test_packed_float_keys_equal_float64_ranks(dtype):
     # the two zeros tie: the relevant item (index 0) is last among its tie block under pessimism
     zeros = torch.tensor([[0.0, -0.0, 0.0]])
     assert mrr(zeros, torch.tensor([[1, 0, 0]])) == pytest.approx(1 / 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_equals_cpu():
+    scores, relevance = _random(300, 20, seed=13, tie_levels=5)
+    mask = torch.rand(300, 20, generator=torch.Generator().manual_seed(0)) > 0.1
+    for dtype in (torch.float32, torch.float64):
+        for fn, kwargs in [(ndcg, {"k": 5}), (mrr, {}), (map_at_k, {"k": 5}), (recall_at_k, {"k": 3})]:
+            cpu = fn(scores.to(dtype), relevance, mask=mask, reduction="none", **kwargs)
+            gpu = fn(scores.to(dtype).cuda(), relevance.cuda(), mask=mask.cuda(), reduction="none", **kwargs)
+            torch.testing.assert_close(gpu.cpu(), cpu, equal_nan=True)
