@@ -435,14 +435,15 @@ def test_batch_mixer_method_choice(kwargs, kind, mode):
     assert kinds == {kind}
 
 
-def test_batch_mixer_label_smoothing_matches_cross_entropy():
+@pytest.mark.parametrize(("style", "torch_smoothing"), [("uniform", 0.1), ("off_target", 0.1 * 4 / 3)])
+def test_batch_mixer_label_smoothing_matches_cross_entropy(style, torch_smoothing):
     logits, labels = torch.randn(5, 4, generator=seeded(0)), torch.tensor([0, 3, 1, 1, 2])
-    mixer = BatchMixer(num_classes=4, label_smoothing=0.1)  # no method enabled: targets only
+    mixer = BatchMixer(num_classes=4, label_smoothing=0.1, smoothing_style=style)  # no method: targets only
     assert not mixer.active
     x = random_images(5)
     out, soft = mixer(x, labels)
     assert out is x
-    expected = F.cross_entropy(logits, labels, label_smoothing=0.1)
+    expected = F.cross_entropy(logits, labels, label_smoothing=torch_smoothing)
     torch.testing.assert_close(torch.sum(-soft * F.log_softmax(logits, 1), 1).mean(), expected)
 
 
@@ -516,14 +517,16 @@ def test_batch_mixer_reports_all_config_errors_together():
         ({"mixup_alpha": 1.0, "method_weights": (1, 1)}, "must be 3 numbers >= 0"),
         ({"mixup_alpha": 1.0, "method_weights": (0, 1, 1)}, "give no weight to an enabled method"),
         ({"mixup_alpha": 1.0, "off_epoch": 2.5}, "off_epoch=2.5 must be an int or None"),
-        ({"mixup_alpha": 1.0, "label_smoothing": -0.1}, r"label_smoothing=-0.1 not in \[0.0, 1.0\]"),
+        ({"mixup_alpha": 1.0, "label_smoothing": -0.1}, r"label_smoothing=-0.1 not in \[0.0, 1.0\)"),
+        ({"mixup_alpha": 1.0, "label_smoothing": 1.0}, r"label_smoothing=1.0 not in \[0.0, 1.0\)"),
+        ({"num_classes": 1, "smoothing_style": "off_target"}, "needs num_classes >= 2"),
         ({"mixup_alpha": 1.0, "pairing": "roll"}, "pairing='roll'"),
         ({"mixup_alpha": 1.0, "fmix_decay_power": 0.0}, "fmix_decay_power=0.0"),
     ],
 )
 def test_batch_mixer_invalid_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        BatchMixer(num_classes=3, **kwargs)
+        BatchMixer(**{"num_classes": 3, **kwargs})
 
 
 def test_batch_mixer_invalid_calls():

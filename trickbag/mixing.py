@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from trickbag.losses import SMOOTHING_STYLES, smooth_labels
 from trickbag.mixing_masks import (
     _check_alpha,
     _check_images,
@@ -210,11 +211,6 @@ _MIXERS = {"mixup": mixup, "cutmix": cutmix, "fmix": fmix}
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _smooth_uniform(soft: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """(1 − ε)·soft + ε/C, the rule of ``F.cross_entropy(label_smoothing=ε)``."""
-    return soft * (1.0 - smoothing) + smoothing / soft.shape[1]
-
-
 class BatchMixer:
     """Mix each training batch with MixUp, CutMix or FMix; always return soft targets.
 
@@ -224,8 +220,10 @@ class BatchMixer:
     (mixup, cutmix, fmix; disabled methods get 0), by default uniformly among the enabled ones;
     ``switch_prob=p`` is timm's rule (CutMix with probability p, else MixUp; FMix must be off).
 
-    Targets are then label-smoothed (``label_smoothing`` ε, ``smoothing_style="uniform"``: (1 − ε)·t + ε/C, as
-    ``F.cross_entropy(label_smoothing=ε)``), also when mixing is off, so the loss sees (N, C) rows either way.
+    Targets are then label-smoothed by ``trickbag.losses.smooth_labels`` (ε = ``label_smoothing``; style
+    "uniform": (1 − ε)·t + ε/C as ``F.cross_entropy(label_smoothing=ε)``, or "off_target"), also when mixing
+    is off, so the loss sees (N, C) rows either way. Smooth in one place only: a loss that smooths soft rows
+    again would apply ε twice.
     ``set_epoch(e)`` switches mixing off from ``off_epoch`` on (clean final epochs). A batch of one sample is
     passed through unmixed without a warning (it is the usual ragged last batch).
 
@@ -255,14 +253,16 @@ class BatchMixer:
         for name, value in alphas.items():
             number(value, f"{name}_alpha", 0.0, math.inf, high_open=True)
         number(prob, "prob", 0.0, 1.0)
-        number(label_smoothing, "label_smoothing", 0.0, 1.0)
+        number(label_smoothing, "label_smoothing", 0.0, 1.0, high_open=True)
         number(fmix_decay_power, "fmix_decay_power", 0.0, math.inf, low_open=True, high_open=True)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             errors.append(f"num_classes={num_classes!r} must be an int >= 1")
         if mode not in ("batch", "sample"):
             errors.append(f"mode={mode!r} not in {{'batch', 'sample'}}")
-        if smoothing_style != "uniform":
-            errors.append(f"smoothing_style={smoothing_style!r} not in {{'uniform'}}")
+        if smoothing_style not in SMOOTHING_STYLES:
+            errors.append(f"smoothing_style={smoothing_style!r} not in {set(SMOOTHING_STYLES)}")
+        elif smoothing_style == "off_target" and num_classes == 1:
+            errors.append("smoothing_style='off_target' needs num_classes >= 2")
         if pairing not in PAIRINGS:
             errors.append(f"pairing={pairing!r} not in {set(PAIRINGS)}")
         if off_epoch is not None and (isinstance(off_epoch, bool) or not isinstance(off_epoch, int)):
@@ -274,7 +274,8 @@ class BatchMixer:
             raise ValueError("BatchMixer: " + "; ".join(errors))
         self.num_classes, self.alphas, self.weights = num_classes, alphas, weights
         self.prob, self.mode, self.pairing, self.off_epoch = float(prob), mode, pairing, off_epoch
-        self.label_smoothing, self.fmix_decay_power = float(label_smoothing), float(fmix_decay_power)
+        self.label_smoothing, self.smoothing_style = float(label_smoothing), smoothing_style
+        self.fmix_decay_power = float(fmix_decay_power)
         self.epoch = 0
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -326,7 +327,9 @@ class BatchMixer:
         soft = _soft_targets(target, x.shape[0], self.num_classes, x.device)
         if self.active and x.shape[0] >= 2:
             x, soft = self._mix_batch(x, soft) if self.mode == "batch" else self._mix_each(x, soft)
-        return x, _smooth_uniform(soft, self.label_smoothing) if self.label_smoothing else soft
+        if self.label_smoothing:
+            soft = smooth_labels(soft, self.num_classes, self.label_smoothing, style=self.smoothing_style)
+        return x, soft
 
     def _mix_batch(self, x, soft):
         apply = torch.rand(1, generator=self.generator).item() < self.prob
@@ -359,10 +362,13 @@ class BatchMixer:
             keep[rows.to(device)] = 1.0 - box_masks(boxes.to(device), height, width)
         rows = (applied & (method == 2)).nonzero().squeeze(1)
         if rows.numel():
-            masks, lam[rows] = sample_fmix_mask(
+            masks, realised = sample_fmix_mask(
                 lam[rows], height, width, decay_power=self.fmix_decay_power, generator=g, device=device
             )
             keep[rows.to(device)] = masks
+            lam[rows] = (
+                realised.cpu()
+            )  # λ and the generator stay on the CPU; only the masks live on x's device
         mixed = _blend(x, perm, keep.unsqueeze(1))
         return _same_format(mixed, x), _mix_targets(soft, lam.to(device), perm)
 
