@@ -57,6 +57,13 @@ def checkpoint_name(kind: str, epoch: int, value_name: str | None = None, value:
     return name
 
 
+def _default_mode(directory: bool) -> int:
+    """Permissions a plain open()/mkdir() would give under the current umask (mkstemp/mkdtemp use 0o600/0o700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or a directory so a rename that follows is durable after power loss."""
     fd = os.open(path, os.O_RDONLY)
@@ -75,6 +82,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(temp, _default_mode(directory=False))
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
@@ -116,6 +124,7 @@ def save_checkpoint(
         )
         for file in temp.iterdir():
             fsync_path(file)
+        os.chmod(temp, _default_mode(directory=True))
         fsync_path(temp)
         previous = resolve_pointer(run_dir / kind)
         # The same epoch saved again (a resumed run repeating an epoch that was cut short): never delete the

@@ -22,6 +22,7 @@ from trickbag.checkpoint import atomic_write_bytes
 
 METRICS_FILE = "metrics.csv"
 LOG_FILE = "train.log"
+CONSOLE_KEYS = ("train_loss", "val_loss", "accuracy", "macro_f1", "balanced_accuracy", "lr")
 
 
 class RunLogger:
@@ -59,8 +60,11 @@ class RunLogger:
 
     def epoch(self, row: dict[str, Any], history: list[dict[str, Any]]) -> None:
         """Log one epoch's row; rewrite metrics.csv from the whole history (so a resumed run has no dupes)."""
-        shown = ", ".join(f"{key} {_fmt(value)}" for key, value in row.items() if key != "epoch")
-        self.info(f"epoch {row['epoch']}: {shown}")
+        # The console gets the headline numbers; metrics.csv has every column.
+        shown = " ".join(f"{key} {_fmt(row[key])}" for key in CONSOLE_KEYS if key in row)
+        self.info(
+            f"epoch {row['epoch']}: {shown} ({row.get('time_s', 0):.1f} s, {row.get('images_per_s', 0):.0f} img/s)"
+        )
         if self.run_dir is not None:
             atomic_write_bytes(self.run_dir / METRICS_FILE, history_to_csv(history).encode("utf-8"))
         if self.writer is not None:
@@ -101,7 +105,7 @@ class Progress:
         self.bar = None
         self.pending = 0
         self.last_refresh = 0.0
-        self.fields = {"loss": math.nan, "lr": math.nan, "speed": 0.0}
+        self.fields = {"loss": "-", "lr": "-", "speed": "-"}
         if not logger.interactive or total <= 0:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
@@ -111,17 +115,16 @@ class Progress:
             TextColumn("train"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn(
-                "loss {task.fields[loss]:.4f} lr {task.fields[lr]:.3g} {task.fields[speed]:.0f} img/s"
-            ),
+            TextColumn("loss {task.fields[loss]} lr {task.fields[lr]} {task.fields[speed]} img/s"),
             TimeRemainingColumn(),
             transient=True,
+            auto_refresh=False,  # no refresh thread: the bar redraws only in advance(), at most 5 times a second
         )
         self.bar.start()
         self.task = self.bar.add_task("train", total=total, **self.fields)
 
-    def describe(self, **fields: float) -> None:
-        self.fields.update(fields)
+    def describe(self, *, loss: float, lr: float) -> None:
+        self.fields.update(loss=f"{loss:.4f}", lr=f"{lr:.3g}")
 
     def advance(self, images_per_second: float) -> None:
         if self.bar is None:
@@ -129,8 +132,9 @@ class Progress:
         self.pending += 1
         now = time.perf_counter()
         if now - self.last_refresh >= 0.2:
-            self.fields["speed"] = images_per_second
+            self.fields["speed"] = f"{images_per_second:.0f}"
             self.bar.update(self.task, advance=self.pending, **self.fields)
+            self.bar.refresh()
             self.pending, self.last_refresh = 0, now
 
     def close(self) -> None:

@@ -223,10 +223,10 @@ def fit(model: nn.Module, loaders: Loaders, parts: Parts, cfg, state: TrainState
                         running * len(window) if epoch_sum is None else epoch_sum + running * len(window)
                     )
                     epoch_count += len(window)
+                    lr = parts.scheduler.get_last_lr()[0]
+                    progress.describe(loss=running, lr=lr)
                     if state.updates % cfg.train.log_every == 0:
-                        lr = parts.scheduler.get_last_lr()[0]
                         log.info(f"epoch {epoch + 1} update {state.updates}: loss {running:.4f} lr {lr:.4g}")
-                        progress.describe(loss=running, lr=lr)
                     window = []
             if progress.bar is not None:
                 progress.advance(images / max(time.perf_counter() - started, 1e-9))

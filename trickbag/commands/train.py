@@ -411,8 +411,7 @@ def handle_train(args) -> int:
 
 
 def print_summary(run: Run, state) -> None:
-    """The end-of-run table: best epochs, their scores and checkpoint paths."""
-
+    """The end-of-run table: the epochs and scores of the best and last checkpoints, then where they are."""
     from rich.console import Console
     from rich.table import Table
 
@@ -420,23 +419,27 @@ def print_summary(run: Run, state) -> None:
     keys = list(dict.fromkeys(["val_loss", metric, "accuracy", "macro_f1"]))
     table = Table(title=f"trickbag run {run.run_dir}", title_justify="left")
     table.add_column("checkpoint", no_wrap=True)
-    table.add_column("epoch", justify="right")
+    table.add_column("epoch", justify="right", no_wrap=True)
     for key in keys:
         table.add_column(key, justify="right", no_wrap=True)
-    table.add_column("path", no_wrap=True)
     for kind in ("best_metric", "best_loss", "last"):
+        if run.parts.checkpointer.latest(kind) is None:
+            continue
         epoch = {"best_metric": state.best_metric_epoch, "best_loss": state.best_loss_epoch}.get(
             kind, state.epoch
         )
         row = state.history[epoch - 1] if 0 < epoch <= len(state.history) else {}
         cells = [f"{row[key]:.4f}" if isinstance(row.get(key), float) else "-" for key in keys]
-        path = run.run_dir / kind if run.parts.checkpointer.latest(kind) else "-"
-        table.add_row(kind, str(epoch), *cells, str(path))
-    # Not a terminal (CI, a pipe): wide enough that paths are never cut.
+        table.add_row(f"{run.run_dir}/{kind}", str(epoch), *cells)
+    # Not a terminal (CI, a pipe): wide enough that nothing is cut.
     console = Console() if sys.stdout.isatty() else Console(width=200)
     console.print(table)
     if state.stopped_early:
         console.print(f"stopped early after epoch {state.epoch} (early_stopping.patience)")
+    console.print(
+        f"logs: {run.run_dir}/metrics.csv, {run.run_dir}/train.log; plots: trickbag report {run.run_dir}",
+        soft_wrap=True,
+    )
 
 
 def handle_eval(args) -> int:
