@@ -210,6 +210,34 @@ def test_image_folder_corrupt_image_named_then_skipped(tmp_path, capsys):
     assert "12 images" in capsys.readouterr().out
 
 
+def test_imbalanced_folder_picks_macro_f1_and_recommends_weights(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    for label, count in (("common", 30), ("rare", 3)):
+        (root / "train" / label).mkdir(parents=True)
+        for i in range(count):
+            colour = (200, 5 * i, 0) if label == "common" else (0, 5 * i, 200)
+            Image.new("RGB", (8, 8), colour).save(root / "train" / label / f"{i}.png")
+    argv = ["train", "recipes/digits.yaml", *TINY, "epochs=1", "data.kind=image_folder", f"data.root={root}",
+            "data.val_fraction=0.3", f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=1", "batch_size=8",
+            f"output_dir={tmp_path / 'runs'}", "--quiet"]  # fmt: skip
+    assert run_cli(*argv) == 0
+    run_dir = only_run(tmp_path / "runs")
+    assert "macro_f1=" in os.readlink(run_dir / "best_metric")  # "auto" chose macro-F1 for 10:1 data
+    assert "consider loss.class_weights=effective_number" in (run_dir / "train.log").read_text()
+    assert (
+        run_cli(
+            *argv[:-2],
+            "loss.class_weights=effective_number",
+            "loss.kind=focal",
+            f"output_dir={tmp_path / 'w'}",
+            "--quiet",
+        )
+        == 0
+    )
+
+
 def test_help_has_examples(capsys):
     for command in ("train", "eval", "predict", "resume", "report"):
         with pytest.raises(SystemExit):

@@ -257,8 +257,9 @@ def fit(model: nn.Module, loaders: Loaders, parts: Parts, cfg, state: TrainState
                     f"the weights diverged; stopped. {_last_good(parts)}"
                 )
             row.update(scores)
-            if hasattr(parts.scheduler, "observe"):
-                parts.scheduler.observe(scores[monitor] if monitor in scores else scores[LOSS_MONITOR])
+            if hasattr(parts.scheduler, "observe"):  # plateau: mode "min" watches the loss, "max" the metric
+                watch_metric = getattr(cfg.schedule, "mode", "min") == "max"
+                parts.scheduler.observe(scores[metric_name] if watch_metric else scores[LOSS_MONITOR])
             _save_bests(eval_model, parts, state, epoch + 1, scores, metric_name, metric_mode)
             _early_stopping(state, scores, monitor, stop_mode, stop_cfg)
         row["lr"] = parts.scheduler.get_last_lr()[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,6 +230,9 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.deterministic:
+        # cuBLAS needs a fixed workspace for deterministic matmuls; it must be set before CUDA starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=True)
     logger = RunLogger(run_dir, tensorboard=cfg.logging.tensorboard, quiet=quiet)
     device = resolve_device(cfg.device)
