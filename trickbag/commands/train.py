@@ -221,6 +221,7 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
     from trickbag.config import config_to_dict, config_to_yaml
     from trickbag.losses import class_weights
     from trickbag.metrics import ClassificationMetrics
+    from trickbag.metrics.advice import advise
     from trickbag.optim import optimizer_from_config
     from trickbag.precision import Precision
     from trickbag.report import RunLogger
@@ -239,12 +240,12 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
     train_set, val_set = load_datasets(cfg, logger.info)
     classes, num_classes = list(train_set.classes), len(train_set.classes)
     counts = torch.bincount(train_set.labels, minlength=num_classes)
-    advice = _advice(train_set.labels, classes)
+    advice = advise(train_set.labels, class_names=classes)
     if cfg.eval.best_metric == "auto":
-        cfg.eval.best_metric = advice["best_metric"]
-    if advice["imbalance_ratio"] >= 10 and cfg.loss.class_weights == "none":
+        cfg.eval.best_metric = advice.best_metric
+    if advice.recommend_class_weights and cfg.loss.class_weights == "none":
         logger.info(
-            f"class imbalance {advice['imbalance_ratio']:.1f}:1 - consider loss.class_weights=effective_number"
+            f"class imbalance {advice.imbalance_ratio:.1f}:1 - consider loss.class_weights=effective_number"
         )
     mean, std = data.channel_stats(train_set.images)
     torch.manual_seed(cfg.seed)  # model initialisation and dropout draw from torch's global generator
@@ -328,22 +329,6 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
         logger=logger,
     )
     return Run(cfg, run_dir, model, Loaders(train_loader, val_loader), parts, classes)
-
-
-def _advice(labels, classes) -> dict[str, Any]:
-    """best_metric and imbalance ratio from trickbag.metrics.advise (falls back to counting when absent)."""
-    try:
-        from trickbag.metrics.advice import advise
-    except ImportError:
-        advise = None
-    if advise is not None:
-        advice = advise(labels, class_names=classes)
-        return {"best_metric": advice.best_metric, "imbalance_ratio": float(advice.imbalance_ratio)}
-    import torch
-
-    counts = torch.bincount(labels, minlength=len(classes)).float()
-    ratio = float(counts.max() / counts.clamp(min=1).min())
-    return {"best_metric": "macro_f1" if ratio >= 1.5 else "accuracy", "imbalance_ratio": ratio}
 
 
 def new_run_dir(output_dir: str, name: str) -> Path:
