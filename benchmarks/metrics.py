@@ -78,6 +78,7 @@ def bench_ranking(queries, candidates, repeats, device):
 
 
 def bench_classification(samples, classes, batch, repeats, device):
+    import sklearn.metrics as skm
     from torchmetrics.classification import MulticlassAUROC, MulticlassF1Score
 
     gen = torch.Generator().manual_seed(1)
@@ -114,13 +115,22 @@ def bench_classification(samples, classes, batch, repeats, device):
         ),
     ]
     print(f"\nclassification: {samples} samples x {classes} classes in batches of {batch}, device={device}")
-    print(f"{'metric':<22}{'ours s':>9}{'tm s':>9}{'tm/ours':>9}{'ours M/s':>10}  {'ours':>9}{'tm':>9}")
+    print(
+        f"{'metric':<22}{'ours s':>9}{'tm s':>9}{'tm/ours':>9}{'ours M/s':>10}  {'ours':>9}{'tm':>9}  check"
+    )
+    y, p = target.cpu().numpy(), probs.cpu().double().numpy()
+    references = {
+        "macro F1": lambda: skm.f1_score(y, p.argmax(1), average="macro"),
+        "macro AUROC (exact)": lambda: skm.roc_auc_score(y, p / p.sum(1, keepdims=True), multi_class="ovr"),
+    }
     for name, ours_fn, tm_fn in rows:
         ours_time, ours_value = best_time(ours_fn, repeats, device)
         tm_time, tm_value = best_time(tm_fn, repeats, device)
+        reference = references[name]()
         print(
             f"{name:<22}{ours_time:>9.3f}{tm_time:>9.3f}{tm_time / ours_time:>8.1f}x{samples / ours_time / 1e6:>10.2f}"
-            f"  {ours_value:>9.6f}{tm_value:>9.6f}"
+            f"  {ours_value:>9.6f}{tm_value:>9.6f}  |ours-sklearn|={abs(ours_value - reference):.1e}"
+            f" |tm-sklearn|={abs(tm_value - reference):.1e}"
         )
 
 

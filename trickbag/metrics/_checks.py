@@ -49,10 +49,12 @@ def _check_target(target: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _check_range(labels: torch.Tensor, num_classes: int, name: str) -> None:
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+    if not labels.numel():
+        return
+    low, high = (int(v) for v in torch.aminmax(labels))  # one pass, one device sync
+    if low < 0 or high >= num_classes:
         raise ValueError(
-            f"{name} holds labels in [{int(labels.min())}, {int(labels.max())}], "
-            f"allowed are 0..{num_classes - 1} (num_classes={num_classes})"
+            f"{name} holds labels in [{low}, {high}], allowed are 0..{num_classes - 1} (num_classes={num_classes})"
         )
 
 

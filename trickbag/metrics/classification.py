@@ -393,7 +393,8 @@ class ClassificationMetrics:
         if preds.ndim == 2 and preds.shape[1] != self.num_classes:
             raise ValueError(f"preds has {preds.shape[1]} score columns but num_classes={self.num_classes}")
         _check_range(target, self.num_classes, "target")
-        _check_range(pred_labels, self.num_classes, "preds")
+        if preds.ndim == 1:  # argmax of (N, C) scores is in range by construction
+            _check_range(pred_labels, self.num_classes, "preds")
         kind = "scores" if preds.ndim == 2 else "labels"
         if self._kind not in (None, kind):
             raise ValueError(
