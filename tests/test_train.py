@@ -318,6 +318,14 @@ def test_evaluate_and_flip_tta():
     batches = [(x[:3], y[:3]), (x[3:], y[3:])]  # odd batch sizes: the mean is per image, not per batch
     scores = evaluate(model, batches, make_loss(num_classes=3))
     torch.testing.assert_close(scores["val_loss"], F.cross_entropy(model(x), y).item())
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from trickbag.metrics import ClassificationMetrics
+
+    scores = evaluate(model, batches, make_loss(num_classes=3), ClassificationMetrics(3, zero_division=0.0))
+    predicted = model(x).argmax(1)
+    assert scores["accuracy"] == pytest.approx(accuracy_score(y, predicted))
+    assert scores["macro_f1"] == pytest.approx(f1_score(y, predicted, average="macro", zero_division=0))
     tta = flip_tta_logits(model, x)
     expected = ((model(x).softmax(1) + model(x.flip(3)).softmax(1)) / 2).log()
     torch.testing.assert_close(tta, expected)

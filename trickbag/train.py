@@ -140,7 +140,7 @@ def evaluate(
         total = batch_loss if total is None else total + batch_loss
         count += len(y)
         if metrics is not None:
-            metrics.update(logits, y)
+            metrics.update(logits.softmax(1), y)  # probabilities: AUROC ranks them, not raw logits
     model.train(was_training)
     result = {LOSS_MONITOR: float(total.item() / max(count, 1)) if total is not None else math.nan}
     if metrics is not None:
