@@ -12,8 +12,11 @@ Edge cases follow scikit-learn 1.9 exactly:
     :class:`UndefinedMetricWarning` is raised, with sklearn's wording.
   * AUROC of a class with no positive or no negative sample is nan with a warning; the macro average is then
     nan (as sklearn with ``labels=``), the weighted average ignores it.
-We measured a lean core against torchmetrics (``benchmarks/metrics.py``), so torchmetrics is a test/benchmark
-dependency only.
+Why not torchmetrics: measured in ``benchmarks/metrics.py`` (1M samples x 10 classes, batches of 10k, 1 CPU
+thread) this lean core matches MulticlassF1Score's speed (both are an argmax and a bincount) and computes exact
+AUROC ~4.5x faster than MulticlassAUROC(thresholds=None), closer to sklearn (1e-10 vs 1e-7). So torchmetrics
+stays a test/benchmark dependency only, and its pitfalls (absent classes in macro averages, a silent
+softmax/sigmoid on logits) do not apply.
 """
 
 from __future__ import annotations

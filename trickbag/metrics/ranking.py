@@ -2,14 +2,16 @@
 
 Each row is one query and its D candidates; ``mask`` (Q, D) bool marks real candidates, so ragged lists fit
 in one padded matrix (:func:`ranking_from_flat` builds it from flat ``query_id, score, relevance`` columns).
-There is no Python loop over queries: one or a few batched sorts, then cumulative sums.
+There is no Python loop over queries: score, tie-break and column are packed into one int64 key per item and
+each row is sorted once (numpy's SIMD sort on CPU, torch.sort on GPU); MRR needs no sort at all.
 
 Relevance:
   * NDCG uses graded relevance >= 0 with a named gain: ``"exponential"`` 2^rel - 1 (Burges et al. 2005, the
     usual default) or ``"linear"`` rel (what ``sklearn.metrics.ndcg_score`` uses: compare with
     ``gain="linear"``). Discount 1 / log2(position + 1); IDCG from the ideal order, both cut at k.
   * MRR, MAP@k and recall@k use binary relevance: relevant means rel > 0 (the score plays no part: an item
-    with a negative score is still relevant if its relevance is positive).
+    with a negative score is still relevant if its relevance is positive; torchmetrics 1.9's RetrievalMRR/MAP/
+    Precision/Recall zero the relevance of every item scored <= 0, so feed them sigmoid(scores)).
 
 Ties in scores:
   * NDCG (``ties="average"``) gives every item in a tied block the block's mean gain, exactly as sklearn's
@@ -20,7 +22,8 @@ Ties in scores:
 
 Queries with no relevant item (no positive gain for NDCG): ``empty="skip"`` leaves them out of the mean
 (``reduction="none"`` gives nan for them), ``empty="zero"`` scores them 0 (sklearn's ndcg_score does this).
-MAP@k divides by min(k, number of relevant items) (k=None: all relevant), so a perfect ranking scores 1.
+MAP@k divides by min(k, number of relevant items) (k=None: all relevant), so a perfect ranking scores 1;
+torchmetrics' RetrievalMAP(top_k) divides by the relevant items found in the top k instead (higher values).
 """
 
 from __future__ import annotations
