@@ -417,3 +417,33 @@ def test_cuda_equals_cpu():
         assert metrics.confusion_matrix().device.type == device
     assert results[0] == pytest.approx(results[1], abs=1e-6)
     _close(roc_auc(logits.cuda(), target.cuda(), average=None), roc_auc(logits, target, average=None))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 80),
+    c=st.integers(2, 7),
+    seed=st.integers(0, 2**31 - 1),
+    cuts=st.lists(st.integers(0, 80), max_size=5),
+)
+def test_streaming_random_splits_equal_sklearn(n, c, seed, cuts):
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.randn(n, c, generator=gen).softmax(1)
+    target = torch.randint(0, c, (n,), generator=gen)
+    metrics = ClassificationMetrics(c, top_k=(1, 2), zero_division=0)
+    bounds = [0, *sorted(min(cut, n) for cut in cuts), n]
+    for start, stop in zip(bounds, bounds[1:]):
+        metrics.update(probs[start:stop], target[start:stop])  # empty batches included
+    result = metrics.compute()
+    y, p = target.numpy(), probs.argmax(1).numpy()
+    assert result["accuracy"] == pytest.approx(skm.accuracy_score(y, p))
+    assert result["macro_f1"] == pytest.approx(skm.f1_score(y, p, average="macro", zero_division=0))
+    assert result["weighted_f1"] == pytest.approx(skm.f1_score(y, p, average="weighted", zero_division=0))
+    assert result["balanced_accuracy"] == pytest.approx(_quiet(skm.balanced_accuracy_score, y, p))
+    if c > 2:
+        assert result["top2_accuracy"] == pytest.approx(
+            skm.top_k_accuracy_score(y, probs.numpy(), k=2, labels=range(c))
+        )
+    per = _sk_ovr(probs.double().numpy(), y, None)
+    expected_auc = np.nanmean(per) if not np.all(np.isnan(per)) else float("nan")
+    assert result["auroc"] == pytest.approx(expected_auc, nan_ok=True)

@@ -142,6 +142,15 @@ def test_constant_scores_pessimistic_vs_optimistic():
     assert ndcg(scores, relevance, gain="linear") == pytest.approx(expected)
 
 
+def test_bool_relevance_and_k_beyond_d():
+    scores = torch.tensor([[0.3, 0.2, 0.1]])
+    relevance = torch.tensor([[False, True, False]])
+    assert mrr(scores, relevance) == 0.5
+    assert map_at_k(scores, relevance, k=10) == 0.5
+    assert recall_at_k(scores, relevance, k=10) == 1.0
+    assert ndcg(scores, relevance, k=10) == pytest.approx(1 / math.log2(3))
+
+
 def test_negative_scores_are_not_irrelevant():
     scores = torch.tensor([[-5.0, -1.0, -3.0]])
     relevance = torch.tensor([[1, 0, 0]])
@@ -207,6 +216,8 @@ def test_validation():
         mrr(torch.ones(2, 3, dtype=torch.long), r)
     with pytest.raises(ValueError, match="scores contain nan"):
         mrr(torch.full((2, 3), float("nan")), r)
+    with pytest.raises(ValueError, match="relevance contains nan"):
+        ndcg(s, torch.full((2, 3), float("nan")))
     with pytest.raises(ValueError, match="relevance must be real and >= 0"):
         ndcg(s, -r)
     with pytest.raises(ValueError, match="mask must be a bool tensor of shape \\(2, 3\\)"):

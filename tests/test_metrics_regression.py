@@ -103,3 +103,18 @@ def test_validation():
         RegressionMetrics(0)
     with pytest.raises(ValueError, match="got 2 outputs per sample but num_outputs=1"):
         RegressionMetrics().update(torch.zeros(3, 2), torch.zeros(3, 2))
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 60), seed=st.integers(0, 2**31 - 1), cuts=st.lists(st.integers(0, 60), max_size=4))
+def test_streaming_random_splits_equal_sklearn(n, seed, cuts):
+    gen = torch.Generator().manual_seed(seed)
+    target = torch.randn(n, generator=gen, dtype=torch.float64) * 5 - 3
+    preds = target + torch.randn(n, generator=gen, dtype=torch.float64)
+    metrics = RegressionMetrics()
+    bounds = [0, *sorted(min(cut, n) for cut in cuts), n]
+    for start, stop in zip(bounds, bounds[1:]):
+        metrics.update(preds[start:stop], target[start:stop])
+    result = metrics.compute()
+    for name, (_, ref) in PAIRS.items():
+        assert result[name] == pytest.approx(ref(target.numpy(), preds.numpy()), rel=1e-9, abs=1e-12), name

@@ -62,6 +62,8 @@ def _check_inputs(
         raise TypeError(f"scores must be float, got {scores.dtype}")
     if bool(torch.isnan(scores).any()):
         raise ValueError("scores contain nan: a nan score has no rank; mask the item out instead")
+    if relevance.is_floating_point() and bool(torch.isnan(relevance).any()):
+        raise ValueError("relevance contains nan: give every real item a relevance >= 0, mask the others")
     if relevance.is_complex() or (relevance.numel() and bool((relevance < 0).any())):
         raise ValueError("relevance must be real and >= 0 (graded relevance; 0 = irrelevant)")
     if mask is None:
