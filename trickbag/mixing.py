@@ -20,7 +20,6 @@ Conventions shared by ``mixup``, ``cutmix`` and ``fmix``:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,10 +27,15 @@ import torch
 
 from trickbag.losses import SMOOTHING_STYLES, smooth_labels
 from trickbag.mixing_masks import (
-    _check_alpha,
+    PAIRINGS,
+    _blend,
     _check_images,
+    _mix_targets,
+    _no_partner,
+    _prepare,
     _resolve_lam,
     _resolve_perm,
+    _same_format,
     _soft_targets,
     box_masks,
     cutmix_boxes,
@@ -50,63 +54,7 @@ __all__ = [
     "cutmix_boxes",
 ]
 
-PAIRINGS = ("permute", "flip")
 METHODS = ("mixup", "cutmix", "fmix")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Shared steps
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _prepare(x, target, num_classes, alpha, pairing) -> torch.Tensor:
-    _check_images(x)
-    _check_alpha(alpha)
-    if pairing not in PAIRINGS:
-        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
-    return _soft_targets(target, x.shape[0], num_classes, x.device)
-
-
-def _no_partner(x: torch.Tensor, soft: torch.Tensor, name: str):
-    warnings.warn(
-        f"{name}: a batch of {x.shape[0]} sample(s) has nothing to mix with; returning it unchanged",
-        stacklevel=3,
-    )
-    return x, soft
-
-
-def _partner(t: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
-    """``t`` paired by ``perm`` (None: reversed); always a new tensor (flip and indexing copy), safe to write."""
-    if perm is None:
-        return t.flip(0)
-    if t.requires_grad:  # out= variants do not record autograd (mixing hidden features, Manifold Mixup)
-        return t[perm]
-    # index_select is ~3x faster than t[perm] on CPU; empty_like keeps the memory format (channels_last).
-    return torch.index_select(t, 0, perm, out=torch.empty_like(t))
-
-
-def _same_format(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Give ``out`` the memory format of ``like`` (the ops used keep it already; this is the safety net)."""
-    if like.is_contiguous():
-        return out.contiguous()
-    if like.is_contiguous(memory_format=torch.channels_last):
-        return out.contiguous(memory_format=torch.channels_last)
-    return out
-
-
-def _blend(x: torch.Tensor, perm: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
-    """weight·x + (1 − weight)·x[perm]; ``weight`` float broadcastable to x. uint8 rounds to nearest."""
-    if x.dtype == torch.uint8:
-        mixed = _partner(x, perm).to(torch.float32).lerp_(x.to(torch.float32), weight)
-        return mixed.round_().clamp_(0, 255).to(torch.uint8)
-    # Blending into the fresh partner copy saves an allocation, whose first-touch page faults cost about as
-    # much as a copy on CPU. lerp computes start + w·(end − start) for w < 0.5 and end − (end − start)·(1 − w)
-    # otherwise, so weights 0 and 1 reproduce finite pixels exactly: masks can paste through it.
-    return _partner(x, perm).lerp_(x, weight.to(x.dtype))
-
-
-def _mix_targets(soft: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
-    return torch.lerp(_partner(soft, perm), soft, lam.view(-1, 1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,15 +189,15 @@ class BatchMixer:
         errors = []
 
         def number(value, name, low, high, low_open=False, high_open=False):
-            bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-            if (
-                bad
-                or not (low < value if low_open else low <= value)
-                or not (value < high if high_open else value <= high)
-            ):
-                errors.append(
-                    f"{name}={value!r} not in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-                )
+            ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            ok = (
+                ok
+                and (low < value if low_open else low <= value)
+                and (value < high if high_open else value <= high)
+            )
+            if not ok:
+                bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+                errors.append(f"{name}={value!r} not in {bounds}")
 
         alphas = {"mixup": mixup_alpha, "cutmix": cutmix_alpha, "fmix": fmix_alpha}
         for name, value in alphas.items():
@@ -368,9 +316,8 @@ class BatchMixer:
                 lam[rows], height, width, decay_power=self.fmix_decay_power, generator=g, device=device
             )
             keep[rows.to(device)] = masks
-            lam[rows] = (
-                realised.cpu()
-            )  # λ and the generator stay on the CPU; only the masks live on x's device
+            # λ and the generator stay on the CPU; only the masks live on x's device.
+            lam[rows] = realised.cpu()
         mixed = _blend(x, perm, keep.unsqueeze(1))
         return _same_format(mixed, x), _mix_targets(soft, lam.to(device), perm)
 

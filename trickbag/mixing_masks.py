@@ -1,4 +1,4 @@
-"""Random draws behind batch mixing: λ ~ Beta(α, α), CutMix boxes and FMix masks (and the input checks).
+"""Parts behind ``trickbag.mixing``: input checks, pairing and blending, λ draws, CutMix boxes, FMix masks.
 
 Everything here takes its randomness from an optional ``torch.Generator`` (``None`` means torch's default CPU
 generator) and samples on the generator's device; callers pass ``device=`` to get the result where the batch
@@ -8,11 +8,14 @@ lives. ``trickbag.mixing`` builds ``mixup`` / ``cutmix`` / ``fmix`` on top of th
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["sample_beta", "cutmix_boxes", "box_masks", "sample_fmix_mask"]
+
+PAIRINGS = ("permute", "flip")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,6 +106,61 @@ def _resolve_lam(lam, n, per_sample, alpha, generator, device) -> torch.Tensor:
     if not bool(((lam >= 0) & (lam <= 1)).all()):
         raise ValueError(f"lam must lie in [0, 1] (the weight of the original sample), got {lam.tolist()}")
     return lam.reshape(-1).to(device) if device is not None else lam.reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared steps of the mixers: pairing, blending, targets
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _prepare(x, target, num_classes, alpha, pairing) -> torch.Tensor:
+    _check_images(x)
+    _check_alpha(alpha)
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    return _soft_targets(target, x.shape[0], num_classes, x.device)
+
+
+def _no_partner(x: torch.Tensor, soft: torch.Tensor, name: str):
+    warnings.warn(
+        f"{name}: a batch of {x.shape[0]} sample(s) has nothing to mix with; returning it unchanged",
+        stacklevel=3,
+    )
+    return x, soft
+
+
+def _partner(t: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """``t`` paired by ``perm`` (None: reversed); always a new tensor (flip and indexing copy), safe to write."""
+    if perm is None:
+        return t.flip(0)
+    if t.requires_grad:  # out= variants do not record autograd (mixing hidden features, Manifold Mixup)
+        return t[perm]
+    # index_select is ~3x faster than t[perm] on CPU; empty_like keeps the memory format (channels_last).
+    return torch.index_select(t, 0, perm, out=torch.empty_like(t))
+
+
+def _same_format(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Give ``out`` the memory format of ``like`` (the ops used keep it already; this is the safety net)."""
+    if like.is_contiguous():
+        return out.contiguous()
+    if like.is_contiguous(memory_format=torch.channels_last):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _blend(x: torch.Tensor, perm: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    """weight·x + (1 − weight)·x[perm]; ``weight`` float broadcastable to x. uint8 rounds to nearest."""
+    if x.dtype == torch.uint8:
+        mixed = _partner(x, perm).to(torch.float32).lerp_(x.to(torch.float32), weight)
+        return mixed.round_().clamp_(0, 255).to(torch.uint8)
+    # Blending into the fresh partner copy saves an allocation, whose first-touch page faults cost about as
+    # much as a copy on CPU. lerp computes start + w·(end − start) for w < 0.5 and end − (end − start)·(1 − w)
+    # otherwise, so weights 0 and 1 reproduce finite pixels exactly: masks can paste through it.
+    return _partner(x, perm).lerp_(x, weight.to(x.dtype))
+
+
+def _mix_targets(soft: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    return torch.lerp(_partner(soft, perm), soft, lam.view(-1, 1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
