@@ -248,6 +248,14 @@ def test_batch_of_one_warns_and_is_unchanged(name):
 
 
 @pytest.mark.parametrize("name", list(MIXERS))
+def test_empty_batch_warns_and_keeps_shapes(name):
+    x = torch.rand(0, 3, 5, 5)
+    with pytest.warns(UserWarning, match="batch of 0 sample"):
+        out, soft = MIXERS[name](x, torch.zeros(0, dtype=torch.long), num_classes=4)
+    assert out is x and soft.shape == (0, 4) and soft.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", list(MIXERS))
 @pytest.mark.parametrize("n", [3, 5, 7])
 def test_odd_batches(name, n):
     out, soft = MIXERS[name](random_images(n), torch.arange(n) % 2, num_classes=2, generator=seeded(n))
