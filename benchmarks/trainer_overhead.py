@@ -98,13 +98,16 @@ def measure(name: str, model_name: str, shape, batch_size: int, steps: int, repe
     bare_epoch(bare_model, batches[:2], bare_opt, criterion)  # warm-up (allocator, kernels)
     fit_epoch(fit_model, batches[:2], fit_opt, cfg)
     bare_times, fit_times = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        bare_epoch(bare_model, batches, bare_opt, criterion)
-        bare_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        fit_epoch(fit_model, batches, fit_opt, cfg)
-        fit_times.append(time.perf_counter() - start)
+    for repeat in range(repeats):
+        # Alternate which loop goes first so neither always runs on a warmer (or busier) machine.
+        for which in ("bare", "fit") if repeat % 2 == 0 else ("fit", "bare"):
+            start = time.perf_counter()
+            if which == "bare":
+                bare_epoch(bare_model, batches, bare_opt, criterion)
+                bare_times.append(time.perf_counter() - start)
+            else:
+                fit_epoch(fit_model, batches, fit_opt, cfg)
+                fit_times.append(time.perf_counter() - start)
     images = steps * batch_size
     bare_rate, fit_rate = images / min(bare_times), images / min(fit_times)
     return {"case": name, "bare": bare_rate, "fit": fit_rate, "ratio": fit_rate / bare_rate}
@@ -115,8 +118,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="few steps and repeats (smoke test)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     steps, repeats = (8, 2) if args.quick else (30, 9)
     # Small steps make the loop's own cost visible: digits_cnn on 8x8 digits is ~2 ms a step on 2 cores.
     cases = [
