@@ -49,6 +49,25 @@ def test_sample_beta_matches_scipy(alpha):
     assert stats.kstest(draws, stats.beta(alpha * 1.5, alpha * 1.5).cdf).pvalue < 1e-6
 
 
+@pytest.mark.parametrize("alpha", [0.2, 1.0])
+def test_one_lambda_per_batch_follows_beta(alpha):
+    # count == 1 takes a scalar path (Python floats); it must draw the same distribution.
+    generator = seeded(9)
+    draws = [sample_beta(alpha, 1, generator=generator, dtype=torch.float64).item() for _ in range(20_000)]
+    assert stats.kstest(draws, stats.beta(alpha, alpha).cdf).pvalue > 1e-3
+
+
+def test_one_box_matches_first_row_of_batched_boxes():
+    # cutmix_boxes draws one box on Python numbers and several as tensors; row 0 uses the same two uniforms.
+    for seed in range(200):
+        lam = torch.rand(1, generator=seeded(10_000 + seed))
+        height, width = 5 + seed % 29, 3 + seed % 37
+        one, one_lam = cutmix_boxes(lam, height, width, generator=seeded(seed))
+        many, many_lam = cutmix_boxes(lam.repeat(2), height, width, generator=seeded(seed))
+        assert torch.equal(one[0], many[0]), (seed, one, many)
+        torch.testing.assert_close(one_lam[0], many_lam[0])
+
+
 def test_mixup_lambda_per_sample_follows_beta():
     n = 20_000
     x = torch.zeros(n, 1, 1, 1)
