@@ -123,16 +123,21 @@ class Progress:
         self.bar.start()
         self.task = self.bar.add_task("train", total=total, **self.fields)
 
-    def describe(self, *, loss: float, lr: float) -> None:
-        self.fields.update(loss=f"{loss:.4f}", lr=f"{lr:.3g}")
+    @property
+    def lr(self) -> str:
+        return self.fields["lr"]
 
-    def advance(self, images_per_second: float) -> None:
+    def describe(self, *, loss: float, lr: float) -> None:
+        self.fields.update(loss=f"{loss:.4f}", lr=f"{lr:.4g}")
+
+    def advance(self, images: int, started: float) -> None:
+        """One micro-batch done; ``images`` seen since ``started`` (perf_counter) give the throughput."""
         if self.bar is None:
             return
         self.pending += 1
         now = time.perf_counter()
         if now - self.last_refresh >= 0.2:
-            self.fields["speed"] = f"{images_per_second:.0f}"
+            self.fields["speed"] = f"{images / max(now - started, 1e-9):.0f}"
             self.bar.update(self.task, advance=self.pending, **self.fields)
             self.bar.refresh()
             self.pending, self.last_refresh = 0, now
@@ -140,6 +145,7 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+            self.bar = None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -179,11 +179,6 @@ def fit(model: nn.Module, loaders: Loaders, parts: Parts, cfg, state: TrainState
     """
     state = state or TrainState()
     log = parts.logger
-    metric_name = cfg.eval.best_metric
-    metric_mode = resolve_mode(cfg.eval.mode, metric_name)
-    stop_cfg = cfg.early_stopping
-    monitor = metric_name if stop_cfg.monitor == "best_metric" else stop_cfg.monitor
-    stop_mode = resolve_mode(stop_cfg.mode, monitor)
     num_batches = len(loaders.train)
     if num_batches == 0:
         raise ValueError("the training loader yields no batches; lower batch_size or add data")
@@ -195,8 +190,7 @@ def fit(model: nn.Module, loaders: Loaders, parts: Parts, cfg, state: TrainState
         loaders.train.set_epoch(epoch)
         if parts.mixer is not None:
             parts.mixer.set_epoch(epoch)
-        epoch_sum, epoch_count, window, images = None, 0, [], 0
-        skipped = 0
+        window, losses, images, skipped = [], [], 0, 0
         for index, (x, y) in enumerate(loaders.train):
             first, last, group_size = accumulation_step(index, num_batches, cfg.accumulate)
             if first:
@@ -210,60 +204,31 @@ def fit(model: nn.Module, loaders: Loaders, parts: Parts, cfg, state: TrainState
                 window.append(loss.detach())
             images += len(x)
             if last:
-                if parts.precision.step(
-                    parts.optimizer, clip_grad_norm=cfg.train.clip_grad_norm, parameters=params
-                ):
-                    parts.scheduler.step()
+                clip = cfg.train.clip_grad_norm
+                if parts.precision.step(parts.optimizer, clip_grad_norm=clip, parameters=params):
+                    parts.scheduler.step()  # only real updates advance the schedule (fp16 may skip one)
                     if parts.ema is not None:
                         parts.ema.update(model)
                 state.updates += 1
                 if state.updates % cfg.train.log_every == 0 or index == num_batches - 1:
-                    running = _check_window(window, epoch, state.updates, log)
-                    epoch_sum = (
-                        running * len(window) if epoch_sum is None else epoch_sum + running * len(window)
-                    )
-                    epoch_count += len(window)
-                    lr = parts.scheduler.get_last_lr()[0]
-                    progress.describe(loss=running, lr=lr)
+                    running = _check_window(window, epoch, state.updates, parts, progress)
+                    losses += [running] * len(window)
                     if state.updates % cfg.train.log_every == 0:
-                        log.info(f"epoch {epoch + 1} update {state.updates}: loss {running:.4f} lr {lr:.4g}")
+                        log.info(
+                            f"epoch {epoch + 1} update {state.updates}: loss {running:.4f} lr {progress.lr}"
+                        )
                     window = []
-            if progress.bar is not None:
-                progress.advance(images / max(time.perf_counter() - started, 1e-9))
+            progress.advance(images, started)
         if skipped:
             log.info(
                 f"epoch {epoch + 1}: skipped {skipped} micro-batches with a non-finite loss (nan_policy=skip)"
             )
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train_loss": epoch_sum / max(epoch_count, 1) if epoch_count else math.nan,
-        }
-        evaluated = loaders.val is not None and (
+        row = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses) if losses else math.nan}
+        if loaders.val is not None and (
             (epoch + 1) % cfg.train.eval_every_epochs == 0 or epoch + 1 == cfg.epochs
-        )
-        if evaluated:
-            eval_model = parts.ema.module if parts.ema is not None else model
-            scores = evaluate(
-                eval_model,
-                loaders.val,
-                parts.loss_fn,
-                parts.metrics,
-                precision=parts.precision,
-                flip_tta=cfg.eval.flip_tta,
-            )
-            if not math.isfinite(scores[LOSS_MONITOR]):
-                raise NonFiniteLossError(
-                    f"validation loss is {scores[LOSS_MONITOR]} after epoch {epoch + 1} (update {state.updates}): "
-                    f"the weights diverged; stopped. {_last_good(parts)}"
-                )
-            row.update(scores)
-            if hasattr(parts.scheduler, "observe"):  # plateau: mode "min" watches the loss, "max" the metric
-                watch_metric = getattr(cfg.schedule, "mode", "min") == "max"
-                parts.scheduler.observe(scores[metric_name] if watch_metric else scores[LOSS_MONITOR])
-            _save_bests(eval_model, parts, state, epoch + 1, scores, metric_name, metric_mode)
-            _early_stopping(state, scores, monitor, stop_mode, stop_cfg)
-        row["lr"] = parts.scheduler.get_last_lr()[0]
-        row["time_s"] = round(time.perf_counter() - started, 3)
+        ):
+            row.update(_evaluate_epoch(model, loaders, parts, cfg, state, epoch + 1, progress))
+        row.update(lr=parts.scheduler.get_last_lr()[0], time_s=round(time.perf_counter() - started, 3))
         row["images_per_s"] = round(images / max(row["time_s"], 1e-9), 1)
         state.history.append(row)
         state.epoch = epoch + 1
@@ -274,27 +239,54 @@ def fit(model: nn.Module, loaders: Loaders, parts: Parts, cfg, state: TrainState
             )
         if state.stopped_early:
             log.info(
-                f"early stopping after epoch {epoch + 1}: no {monitor} improvement in {stop_cfg.patience} evaluations"
+                f"early stopping after epoch {epoch + 1}: {cfg.early_stopping.patience} evaluations without improvement"
             )
             break
     progress.close()
     return state
 
 
-def _check_window(window: list[torch.Tensor], epoch: int, updates: int, log) -> float:
+def _evaluate_epoch(model, loaders: Loaders, parts: Parts, cfg, state: TrainState, epoch: int, progress):
+    """Evaluate (EMA weights if any), feed the plateau schedule, save best checkpoints, track early stopping."""
+    eval_model = parts.ema.module if parts.ema is not None else model
+    scores = evaluate(eval_model, loaders.val, parts.loss_fn, parts.metrics, precision=parts.precision,
+                      flip_tta=cfg.eval.flip_tta)  # fmt: skip
+    if not math.isfinite(scores[LOSS_MONITOR]):
+        progress.close()
+        raise NonFiniteLossError(
+            f"validation loss is {scores[LOSS_MONITOR]} after epoch {epoch} (update {state.updates}): the weights "
+            f"diverged; stopped. {_last_good(parts)}"
+        )
+    metric_name = cfg.eval.best_metric
+    if hasattr(parts.scheduler, "observe"):  # plateau: mode "min" watches the loss, "max" the metric
+        watch_metric = getattr(cfg.schedule, "mode", "min") == "max"
+        parts.scheduler.observe(scores[metric_name] if watch_metric else scores[LOSS_MONITOR])
+    _save_bests(
+        eval_model, parts, state, epoch, scores, metric_name, resolve_mode(cfg.eval.mode, metric_name)
+    )
+    stop_cfg = cfg.early_stopping
+    monitor = metric_name if stop_cfg.monitor == "best_metric" else stop_cfg.monitor
+    _early_stopping(state, scores, monitor, resolve_mode(stop_cfg.mode, monitor), stop_cfg)
+    return scores
+
+
+def _check_window(window: list[torch.Tensor], epoch: int, updates: int, parts: Parts, progress) -> float:
     """Mean of the window's losses (one host sync); non-finite -> NonFiniteLossError naming the step."""
     if not window:
         return math.nan
     losses = torch.stack(window).float()
     finite = torch.isfinite(losses)
     if not bool(finite.all()):
+        progress.close()
         first_bad = int((~finite).nonzero()[0])
         raise NonFiniteLossError(
             f"loss became {losses[first_bad].item()} at epoch {epoch + 1}, micro-batch {first_bad + 1} of the "
             f"log window ending at update {updates}; stopped (set train.nan_policy=skip to skip such steps, or "
-            f"lower the learning rate)."
+            f"lower the learning rate). {_last_good(parts)}"
         )
-    return float(losses.mean().item())
+    running = float(losses.mean().item())
+    progress.describe(loss=running, lr=parts.scheduler.get_last_lr()[0])
+    return running
 
 
 def _last_good(parts: Parts) -> str:

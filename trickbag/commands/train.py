@@ -365,7 +365,7 @@ def load_model(checkpoint: str | Path, device):
 def handle_train(args) -> int:
     from trickbag.checkpoint import load_checkpoint
     from trickbag.config import load_config
-    from trickbag.train import fit, restore_training_state
+    from trickbag.train import NonFiniteLossError, fit, restore_training_state
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -393,8 +393,14 @@ def handle_train(args) -> int:
         run_dir = new_run_dir(cfg.output_dir, cfg.name)
         run = build_run(cfg, run_dir, quiet=args.quiet)
         state = None
-    state = fit(run.model, run.loaders, run.parts, run.cfg, state)
-    run.parts.logger.close()
+    try:
+        state = fit(run.model, run.loaders, run.parts, run.cfg, state)
+    except NonFiniteLossError as error:
+        run.parts.logger.info(f"stopped: {error}")
+        print(f"trickbag train: stopped: {error}", file=sys.stderr)
+        return 3
+    finally:
+        run.parts.logger.close()
     print_summary(run, state)
     return 0
 
