@@ -113,6 +113,13 @@ def test_train_produces_all_files_and_eval_predict_report(tmp_path, capsys):
     assert (run_dir / "report.png").stat().st_size > 1000
     page = (run_dir / "report.html").read_text()
     assert "data:image/png;base64," in page and "<img" in page
+    from trickbag.report import planned_lr_curve, read_metrics
+
+    rows = read_metrics(run_dir)
+    curve = planned_lr_curve(meta, rows)
+    steps = meta["updates_per_epoch"]
+    assert len(curve) == 2 * steps
+    assert curve[steps] == pytest.approx(rows[0]["lr"])  # the replayed schedule is the one the run used
 
 
 def drop_time(rows) -> list[dict[str, str]]:

@@ -393,3 +393,18 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path):
     else:
         RunLogger(tmp_path, tensorboard=True).close()
         assert (tmp_path / "tensorboard").is_dir()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_on_cuda_with_bf16_and_accumulation():
+    x, y = data(32)
+    x, y = x.cuda(), y.cuda()
+    model = tiny_model().cuda()
+    cfg = config("epochs=2", "accumulate=3", "precision=bf16")
+    parts = parts_for(model, cfg, 2)
+    parts.precision = Precision("bf16", "cuda")
+    parts.loss_fn = make_loss(num_classes=3, weight=torch.ones(3))
+    batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
+    state = fit(model, Loaders(ListLoader(batches), val=batches), parts, cfg)
+    assert state.updates == 4 and math.isfinite(state.history[-1]["val_loss"])

@@ -180,6 +180,27 @@ def per_class_f1(confusion: list[list[int]]) -> list[float]:
     return scores
 
 
+def planned_lr_curve(meta: dict[str, Any], rows: list[dict[str, float]]) -> list[float]:
+    """The LR of every update of the epochs in ``rows``, replayed from the run's schedule ([] if unknown).
+
+    Plateau schedules replay the validation values the run observed; an update the fp16 scaler skipped is not
+    known here, so the curve is the planned one.
+    """
+    if not rows or "updates_per_epoch" not in meta or "base_lr" not in meta:
+        return []
+    from trickbag.schedules import ScheduleConfig, lr_curve
+
+    config = meta["config"]
+    schedule = ScheduleConfig.model_validate(config.get("schedule", {}))
+    observed = None
+    if schedule.kind == "plateau":
+        key = "val_loss" if schedule.mode == "min" else config["eval"]["best_metric"]
+        observed = [row.get(key, math.nan) for row in rows]
+    lrs = lr_curve(schedule, base_lr=meta["base_lr"], steps_per_epoch=meta["updates_per_epoch"],
+                   epochs=config["epochs"], metrics=observed)  # fmt: skip
+    return lrs[: len(rows) * meta["updates_per_epoch"]]
+
+
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Draw loss/metric/LR curves, the best checkpoint's confusion matrix and per-class F1.
 
@@ -212,8 +233,14 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     if metric_keys:
         ax.legend(fontsize=7)
     ax = axes[0][2]
-    ax.plot(epochs, [row.get("lr", math.nan) for row in rows], marker="o")
-    ax.set(title="learning rate (end of epoch)", xlabel="epoch")
+    per_update = planned_lr_curve(meta, rows)
+    if per_update:
+        steps = meta["updates_per_epoch"]
+        ax.plot([(i + 1) / steps for i in range(len(per_update))], per_update)
+        ax.set(title="learning rate per update (param group 0)", xlabel="epoch")
+    else:
+        ax.plot(epochs, [row.get("lr", math.nan) for row in rows], marker="o")
+        ax.set(title="learning rate (end of epoch)", xlabel="epoch")
 
     classes = meta.get("classes", [])
     confusion = meta.get("confusion_matrix")

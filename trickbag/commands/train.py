@@ -310,6 +310,8 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
         "image_shape": list(train_set.images.shape[1:]),
         "mean": mean,
         "std": std,
+        "updates_per_epoch": updates_per_epoch,  # with base_lr: `trickbag report` redraws the LR per update
+        "base_lr": float(optimizer.param_groups[0]["initial_lr"]),
     }
     (run_dir / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
     logger.info(
