@@ -405,6 +405,9 @@ def test_fit_on_cuda_with_bf16_and_accumulation():
     parts = parts_for(model, cfg, 2)
     parts.precision = Precision("bf16", "cuda")
     parts.loss_fn = make_loss(num_classes=3, weight=torch.ones(3))
+    from trickbag.metrics import ClassificationMetrics
+
+    parts.metrics = ClassificationMetrics(3, zero_division=0.0)
     batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
     state = fit(model, Loaders(ListLoader(batches), val=batches), parts, cfg)
     assert state.updates == 4 and math.isfinite(state.history[-1]["val_loss"])
