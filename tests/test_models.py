@@ -14,6 +14,7 @@ from trickbag.models import MODEL_NAMES, BasicBlock, build_model
         ("resnet18_cifar", 3, 32, {"width": 8}),
         ("airbench", 3, 32, {"widths": [8, 16, 16]}),
         ("cifar_fast", 3, 32, {}),
+        ("cifar_fast", 3, 32, {"widths": [8, 16, 16], "depth": 1}),
     ],
 )
 def test_forward_shapes(name, in_channels, size, options):
@@ -70,6 +71,10 @@ def test_bad_arguments():
         build_model("airbench", 10, widht=3)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         build_model("airbench", 10, temperature=0)
+    with pytest.raises(ValueError, match="widths must list at least one width"):
+        build_model("cifar_fast", 10, widths=[])
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        build_model("cifar_fast", 10, temperature=-1.0)
 
 
 @pytest.fixture

@@ -1,0 +1,203 @@
+"""CIFAR-10 on CPU: the PyTorch "Training a Classifier" tutorial loop vs ``trickbag train`` at equal wall-clock.
+
+    .venv/bin/python benchmarks/cifar10_cpu.py --data /work/data            # full comparison (~2-3 min)
+    .venv/bin/python benchmarks/cifar10_cpu.py --data /work/data --quick    # smoke run (~20 s)
+
+Both sides train on the same decoded uint8 arrays: ``trickbag.data.load_image_folder`` decodes the JPEG folders
+once into its cache *before* anything is timed, so decoding is excluded from both timings.
+
+Tutorial side (https://pytorch.org/tutorials/beginner/blitz/cifar10_tutorial.html, the loop the seed copies):
+its Net (conv 3->6 k5, pool, conv 6->16 k5, pool, fc 120, fc 84, fc 10), SGD lr 0.001 momentum 0.9, batch 4,
+2 epochs, inputs normalised with mean = std = 0.5. Batches are sliced from a pre-normalised float tensor instead
+of a torchvision DataLoader, which only makes the tutorial faster than it really is.
+
+trickbag side: ``python -m trickbag train recipes/cifar10_fast.yaml data.root=DATA`` as a subprocess; its
+training time is the sum of the per-epoch times in the run's metrics.csv (evaluation included), and the
+subprocess wall-clock (start-up, cache read, checkpoints) is reported too. Accuracy is the final test accuracy
+(flip TTA if the recipe enables it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from trickbag.data import load_image_folder  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------------------
+# The tutorial, verbatim in substance
+# ---------------------------------------------------------------------------------------------------------
+
+
+class TutorialNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+def run_tutorial(train, test, *, epochs: float, seed: int = 0) -> dict:
+    """Train the tutorial Net; returns {"train_s", "accuracy", "epochs"}. ``epochs`` may be fractional (--quick)."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    to_float = lambda images: (images.float() / 255 - 0.5) / 0.5  # noqa: E731  ToTensor + Normalize(0.5, 0.5)
+    x_train, y_train = to_float(train.images), train.labels
+    net = TutorialNet()
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
+    batch, n = 4, len(y_train)
+    steps_total = int(epochs * n / batch)
+    started = time.perf_counter()
+    step = 0
+    while step < steps_total:
+        order = torch.randperm(n, generator=generator)
+        running_loss = 0.0
+        for i in range(0, n - batch + 1, batch):
+            index = order[i : i + batch]
+            optimizer.zero_grad()
+            loss = criterion(net(x_train[index]), y_train[index])
+            loss.backward()
+            optimizer.step()
+            running_loss += loss.item()  # the tutorial's per-step .item() (prints every 2000 mini-batches)
+            step += 1
+            if step >= steps_total:
+                break
+    train_s = time.perf_counter() - started
+    net.eval()
+    correct = 0
+    with torch.no_grad():
+        x_test = to_float(test.images)
+        for i in range(0, len(test), 1000):
+            correct += (net(x_test[i : i + 1000]).argmax(1) == test.labels[i : i + 1000]).sum().item()
+    return {"train_s": train_s, "accuracy": correct / len(test), "epochs": epochs}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# trickbag through its CLI
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_trickbag(recipe: Path, data_root: Path, overrides: list[str]) -> dict:
+    """``python -m trickbag train RECIPE data.root=... output_dir=TMP``; reads the run's metrics.csv."""
+    with tempfile.TemporaryDirectory(prefix="trickbag-bench-") as output_dir:
+        command = [
+            sys.executable,
+            "-m",
+            "trickbag",
+            "train",
+            str(recipe),
+            f"data.root={data_root}",
+            f"output_dir={output_dir}",
+            *overrides,
+        ]
+        print("$", " ".join(command), flush=True)
+        started = time.perf_counter()
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+        wall_s = time.perf_counter() - started
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"trickbag train failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            )
+        metrics_files = sorted(Path(output_dir).rglob("metrics.csv"))
+        if not metrics_files:
+            raise RuntimeError(f"no metrics.csv under {output_dir}; output:\n{result.stdout[-2000:]}")
+        with open(metrics_files[-1], newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    last = rows[-1]
+    accuracy_key = next((k for k in ("accuracy", "val_accuracy", "acc") if k in last and last[k] != ""), None)
+    if accuracy_key is None:
+        raise RuntimeError(f"no accuracy column in metrics.csv: {list(last)}")
+    return {
+        "train_s": sum(float(row["time_s"]) for row in rows),
+        "wall_s": wall_s,
+        "accuracy": float(last[accuracy_key]),
+        "epochs": len(rows),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data", default=os.environ.get("TRICKBAG_CIFAR10", "/work/data"), help="holds train/ and test/"
+    )
+    parser.add_argument("--recipe", default=str(REPO / "recipes" / "cifar10_fast.yaml"))
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke mode: 0.02 tutorial epoch, 1 trickbag epoch"
+    )
+    parser.add_argument("--skip-tutorial", action="store_true")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads for the tutorial (default: torch's)"
+    )
+    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for trickbag train")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data_root = Path(args.data)
+
+    started = time.perf_counter()
+    train = load_image_folder(data_root / "train")
+    test = load_image_folder(data_root / "test")
+    print(
+        f"decoded/cached {len(train)} + {len(test)} images in {time.perf_counter() - started:.1f} s (not timed below)"
+    )
+
+    results = {}
+    if not args.skip_tutorial:
+        results["tutorial"] = run_tutorial(train, test, epochs=0.02 if args.quick else 2.0)
+        print(f"tutorial: {results['tutorial']}", flush=True)
+    overrides = list(args.overrides) + (["epochs=1"] if args.quick else [])
+    results["trickbag"] = run_trickbag(Path(args.recipe), data_root, overrides)
+    print(f"trickbag: {results['trickbag']}", flush=True)
+
+    print(
+        f"\nCIFAR-10 on CPU ({torch.get_num_threads()} threads, torch {torch.__version__}), same run, same data"
+    )
+    print(f"{'':10s} {'epochs':>7s} {'train s':>8s} {'wall s':>7s} {'test acc':>9s}")
+    for name, result in results.items():
+        wall = f"{result['wall_s']:.1f}" if "wall_s" in result else "-"
+        print(
+            f"{name:10s} {result['epochs']:7.1f} {result['train_s']:8.1f} {wall:>7s} {result['accuracy']:9.2%}"
+        )
+    if "tutorial" in results:
+        tutorial, ours = results["tutorial"], results["trickbag"]
+        print(
+            f"ratio trickbag/tutorial: time {ours['train_s'] / tutorial['train_s']:.2f}x, "
+            f"accuracy {ours['accuracy'] - tutorial['accuracy']:+.2%} points"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
