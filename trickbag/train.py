@@ -12,6 +12,7 @@ skipped step.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -134,7 +135,7 @@ def evaluate(
         metrics.reset()
     total, count = None, 0
     for x, y in loader:
-        with precision.autocast() if precision is not None else torch.autocast("cpu", enabled=False):
+        with precision.autocast() if precision is not None else contextlib.nullcontext():
             logits = flip_tta_logits(model, x) if flip_tta else model(x).float()
         batch_loss = loss_fn(logits, y).detach() * len(y)
         total = batch_loss if total is None else total + batch_loss
@@ -148,6 +149,20 @@ def evaluate(
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 result[key] = float(value)
     return result
+
+
+@torch.inference_mode()
+def predict_probabilities(model, loader, *, precision=None, flip_tta: bool = False) -> torch.Tensor:
+    """Class probabilities (N, C) float32 on the CPU for every batch ``(x, _)`` of ``loader``, in order."""
+    was_training = model.training
+    model.eval()
+    probabilities = []
+    for x, _ in loader:
+        with precision.autocast() if precision is not None else contextlib.nullcontext():
+            logits = flip_tta_logits(model, x) if flip_tta else model(x).float()
+        probabilities.append(logits.float().softmax(1).cpu())
+    model.train(was_training)
+    return torch.cat(probabilities)
 
 
 # ---------------------------------------------------------------------------------------------------------------

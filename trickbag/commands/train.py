@@ -68,7 +68,11 @@ def register(subparsers) -> None:
     )
     evaluate.add_argument("checkpoint", help="checkpoint folder or run folder (uses its best_metric)")
     evaluate.add_argument("--data", help="image folder with class subfolders (default: the run's eval set)")
-    evaluate.add_argument("--flip-tta", action="store_true", help="average predictions with mirrored images")
+    evaluate.add_argument(
+        "--flip-tta",
+        action="store_true",
+        help="average with mirrored images (default: as the run's eval.flip_tta)",
+    )
     evaluate.set_defaults(func=handle_eval)
 
     predict = subparsers.add_parser(
@@ -81,7 +85,11 @@ def register(subparsers) -> None:
     predict.add_argument("checkpoint", help="checkpoint folder or run folder (uses its best_metric)")
     predict.add_argument("images", nargs="+", help="image files and/or folders")
     predict.add_argument("--out", required=True, help="CSV file to write")
-    predict.add_argument("--flip-tta", action="store_true", help="average predictions with mirrored images")
+    predict.add_argument(
+        "--flip-tta",
+        action="store_true",
+        help="average with mirrored images (default: as the run's eval.flip_tta)",
+    )
     predict.add_argument("--batch-size", type=int, default=256)
     predict.set_defaults(func=handle_predict)
 
@@ -226,7 +234,7 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
     from trickbag.precision import Precision
     from trickbag.report import RunLogger
     from trickbag.schedules import scheduler_from_config
-    from trickbag.train import Loaders, Parts, make_loss
+    from trickbag.train import Loaders, Parts
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -272,15 +280,8 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
     )
     weight = None
     if cfg.loss.class_weights != "none":
-        weight = class_weights(counts, method=cfg.loss.class_weights, beta=cfg.loss.beta).to(device)
-    loss_fn = make_loss(
-        cfg.loss.kind,
-        num_classes=num_classes,
-        label_smoothing=cfg.loss.label_smoothing,
-        smoothing_style=cfg.loss.smoothing_style,
-        focal_gamma=cfg.loss.focal_gamma,
-        weight=weight,
-    )
+        weight = class_weights(counts, method=cfg.loss.class_weights, beta=cfg.loss.beta)
+    loss_fn = loss_from_config(cfg, num_classes, weight)
     mixer = None
     if cfg.mixing.enabled:
         from trickbag.mixing import BatchMixer
@@ -310,6 +311,7 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
         "image_shape": list(train_set.images.shape[1:]),
         "mean": mean,
         "std": std,
+        "class_weights": weight.tolist() if weight is not None else None,  # so `eval` computes the same loss
         "updates_per_epoch": updates_per_epoch,  # with base_lr: `trickbag report` redraws the LR per update
         "base_lr": float(optimizer.param_groups[0]["initial_lr"]),
     }
@@ -331,6 +333,22 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
         logger=logger,
     )
     return Run(cfg, run_dir, model, Loaders(train_loader, val_loader), parts, classes)
+
+
+def loss_from_config(cfg, num_classes: int, weight=None):
+    """The run's loss function (class ``weight`` (C,) or None) from its ``loss`` section."""
+    import torch
+
+    from trickbag.train import make_loss
+
+    return make_loss(
+        cfg.loss.kind,
+        num_classes=num_classes,
+        label_smoothing=cfg.loss.label_smoothing,
+        smoothing_style=cfg.loss.smoothing_style,
+        focal_gamma=cfg.loss.focal_gamma,
+        weight=None if weight is None else torch.as_tensor(weight, dtype=torch.float32),
+    )
 
 
 def new_run_dir(output_dir: str, name: str) -> Path:
@@ -446,22 +464,31 @@ def handle_eval(args) -> int:
     from trickbag import data
     from trickbag.config import config_from_dict
     from trickbag.metrics import ClassificationMetrics
-    from trickbag.train import evaluate, make_loss
+    from trickbag.precision import Precision
+    from trickbag.train import evaluate
 
     device = resolve_device("auto")
     model, ckpt = load_model(args.checkpoint, device)
     classes, (channels, height, width) = ckpt.meta["classes"], ckpt.meta["image_shape"]
+    cfg = config_from_dict(ckpt.meta["config"], str(ckpt.path / "meta.json"))
     if args.data:
         imageset = align_classes(data.load_image_folder(args.data, size=(height, width)), classes)
     else:  # the evaluation set the run itself used (same seed, same split)
-        _, imageset = load_datasets(config_from_dict(ckpt.meta["config"], str(ckpt.path / "meta.json")))
+        _, imageset = load_datasets(cfg)
     images = match_channels(imageset.images, channels)
+    # Evaluate as the run did: its precision, memory format, loss (smoothing, class weights) and flip TTA.
     loader = data.BatchLoader.for_eval(
-        images, imageset.labels, batch_size=256, device=device, mean=ckpt.meta["mean"], std=ckpt.meta["std"]
-    )
+        images, imageset.labels, batch_size=256, device=device, mean=ckpt.meta["mean"], std=ckpt.meta["std"],
+        channels_last=cfg.data.channels_last,
+    )  # fmt: skip
     metrics = ClassificationMetrics(len(classes), class_names=classes, zero_division=0.0)
-    scores = evaluate(model, loader, make_loss(num_classes=len(classes)), metrics, flip_tta=args.flip_tta)
-    table = Table(title=f"{ckpt.path.name} on {args.data or 'its evaluation set'} ({len(images)} images)")
+    loss_fn = loss_from_config(cfg, len(classes), ckpt.meta.get("class_weights"))
+    precision = Precision(cfg.precision, device) if _precision_runs(cfg.precision, device) else None
+    scores = evaluate(
+        model, loader, loss_fn, metrics, precision=precision, flip_tta=args.flip_tta or cfg.eval.flip_tta
+    )
+    print(f"{ckpt.path} on {args.data or 'its evaluation set'} ({len(images)} images)")
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in scores.items():
@@ -470,13 +497,24 @@ def handle_eval(args) -> int:
     return 0
 
 
+def _precision_runs(policy: str, device) -> bool:
+    """Whether ``policy`` works on ``device`` (a bf16 GPU run evaluated on a CPU-only machine falls back)."""
+    from trickbag.precision import check_precision
+
+    try:
+        check_precision(policy, device)
+    except ValueError:
+        return False
+    return True
+
+
 def handle_predict(args) -> int:
     import csv
 
-    import torch
-
     from trickbag import data
-    from trickbag.train import flip_tta_logits
+    from trickbag.config import config_from_dict
+    from trickbag.precision import Precision
+    from trickbag.train import predict_probabilities
 
     device = resolve_device("auto")
     model, ckpt = load_model(args.checkpoint, device)
@@ -485,19 +523,18 @@ def handle_predict(args) -> int:
     for item in args.images:
         for file in map(Path, data.list_images(item)):
             paths.append(file)
-            # The true class is known when the image sits in a subfolder named after a class.
-            inside = Path(item).is_dir() and file.parent != Path(item)
-            labels.append(file.parent.name if inside and file.parent.name in classes else "")
+            # The true class is known when the image sits in a folder named after a class (root/<class>/x.jpg).
+            labels.append(file.parent.name if Path(item).is_dir() and file.parent.name in classes else "")
     images = match_channels(data.load_images([str(p) for p in paths], size=(height, width)), channels)
+    cfg = config_from_dict(ckpt.meta["config"], str(ckpt.path / "meta.json"))
     loader = data.BatchLoader.for_eval(
-        images, None, batch_size=args.batch_size, device=device, mean=ckpt.meta["mean"], std=ckpt.meta["std"]
+        images, None, batch_size=args.batch_size, device=device, mean=ckpt.meta["mean"], std=ckpt.meta["std"],
+        channels_last=cfg.data.channels_last,
+    )  # fmt: skip
+    precision = Precision(cfg.precision, device) if _precision_runs(cfg.precision, device) else None
+    probs = predict_probabilities(
+        model, loader, precision=precision, flip_tta=args.flip_tta or cfg.eval.flip_tta
     )
-    probabilities = []
-    with torch.inference_mode():
-        for x, _ in loader:
-            logits = flip_tta_logits(model, x) if args.flip_tta else model(x).float()
-            probabilities.append(logits.softmax(1).cpu())
-    probs = torch.cat(probabilities)
     predicted = probs.argmax(1).tolist()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
