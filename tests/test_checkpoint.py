@@ -189,3 +189,10 @@ def test_checkpointer_stores_confusion_matrix(tmp_path):
     assert meta["confusion_matrix"] == [[2, 1], [0, 3]] and meta["classes"] == ["a", "b"]
     assert saver.latest("best_metric").name == "best_metric-epoch003-accuracy=0.8000"
     assert saver.latest("last") is None
+
+
+def test_stale_temp_folder_from_a_killed_save_is_removed(tmp_path):
+    (tmp_path / ".last-abc.tmp").mkdir()
+    (tmp_path / ".last-abc.tmp" / "model.safetensors").write_bytes(b"half written")
+    save_checkpoint(tmp_path, "last", weights=weights(), meta={"epoch": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "last-epoch001"]

@@ -125,3 +125,13 @@ def test_config_from_dict_source_in_message():
 def test_shipped_recipes_validate(recipe):
     cfg = load_config(recipe)
     assert cfg.epochs >= 1
+
+
+def test_metric_names_are_checked():
+    assert load_config(None, ["eval.best_metric=top5_accuracy", "early_stopping.monitor=val_loss"])
+    with pytest.raises(
+        ConfigError, match=r"eval.best_metric='macro_f': not a metric name \(did you mean 'macro_f1'\?\)"
+    ):
+        load_config(None, ["eval.best_metric=macro_f"])
+    with pytest.raises(ConfigError, match=r"early_stopping.monitor='loss'"):
+        load_config(None, ["early_stopping.monitor=loss"])

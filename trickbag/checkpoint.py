@@ -111,6 +111,8 @@ def save_checkpoint(
     if "epoch" not in meta:
         raise ValueError("meta must contain 'epoch'")
     final = run_dir / checkpoint_name(kind, int(meta["epoch"]), value_name, value)
+    for stale in run_dir.glob(f".{kind}-*.tmp"):  # left by a process killed while saving (one writer per run)
+        shutil.rmtree(stale, ignore_errors=True)
     temp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{kind}-", suffix=".tmp"))
     try:
         tensors = {key: tensor.detach().to("cpu").contiguous().clone() for key, tensor in weights.items()}

@@ -12,12 +12,13 @@ together, each naming the file, the key path and the value, e.g.::
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from trickbag.optim import OptimizerConfig
 from trickbag.schedules import ScheduleConfig
@@ -47,7 +48,7 @@ class DataConfig(_Section):
     crop_padding: int = Field(0, ge=0)  # random crop after zero padding of this many pixels
     flip: bool = False  # random horizontal flip
     channels_last: bool = False
-    num_workers: int | None = Field(None, ge=1)
+    num_workers: int | None = Field(None, ge=0)  # decoding processes; None: one per core, 0: in-process
 
 
 class ModelConfig(_Section):
@@ -88,12 +89,32 @@ class TrainConfig(_Section):
     nan_policy: Literal["stop", "skip"] = "stop"
 
 
+# Keys of trickbag.metrics.ClassificationMetrics.compute() plus the validation loss; "topK_accuracy" also works.
+METRIC_NAMES = (
+    "accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall", "balanced_accuracy", "auroc", "val_loss",
+)  # fmt: skip
+
+
+def _check_metric_name(value: str, extra: tuple[str, ...]) -> str:
+    if value in extra or value in METRIC_NAMES or re.fullmatch(r"top[0-9]+_accuracy", value):
+        return value
+    close = difflib.get_close_matches(value, [*extra, *METRIC_NAMES], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(
+        f"not a metric name{hint}; use one of {', '.join([*extra, *METRIC_NAMES])} or topK_accuracy"
+    )
+
+
 class EvalConfig(_Section):
     flip_tta: bool = False
-    best_metric: str = (
-        "auto"  # "auto": accuracy on balanced data, macro_f1 on imbalanced (trickbag.metrics.advise)
-    )
+    # "auto": accuracy on balanced data, macro_f1 on imbalanced (trickbag.metrics.advise)
+    best_metric: str = "auto"
     mode: Literal["auto", "max", "min"] = "auto"
+
+    @field_validator("best_metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        return _check_metric_name(value, ("auto",))
 
 
 class EarlyStoppingConfig(_Section):
@@ -102,6 +123,11 @@ class EarlyStoppingConfig(_Section):
     patience: int = Field(5, ge=1)  # evaluations without improvement before stopping
     min_delta: float = Field(0.0, ge=0.0)
     mode: Literal["auto", "max", "min"] = "auto"
+
+    @field_validator("monitor")
+    @classmethod
+    def _known_monitor(cls, value: str) -> str:
+        return _check_metric_name(value, ("best_metric",))
 
 
 class DistillConfig(_Section):
@@ -242,7 +268,8 @@ def describe_error(item: dict[str, Any]) -> str:
             return f"{key}={value!r} not in {{{', '.join(repr(choice) for choice in allowed)}}}"
     if kind == "missing":
         return f"{key}: required key is missing"
-    return f"{key}={value!r}: {item['msg']}"
+    message = item["msg"].removeprefix("Value error, ")  # pydantic's wording around our own validators
+    return f"{key}={value!r}: {message}"
 
 
 def _model_at(location: list[str]) -> type[BaseModel] | None:
