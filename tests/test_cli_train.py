@@ -247,6 +247,18 @@ def test_imbalanced_folder_picks_macro_f1_and_recommends_weights(tmp_path):
     )
 
 
+def test_options_may_follow_overrides(tmp_path, capsys):
+    assert run_cli("train", "recipes/digits.yaml", "epochs=3", "--bogus") == 2
+    assert "unknown option '--bogus'" in capsys.readouterr().err
+    assert run_cli("train", "recipes/digits.yaml", "epochs=3", "--help") == 0
+    assert "examples:" in capsys.readouterr().out
+    argv = ["train", "recipes/digits.yaml", *TINY, "epochs=1", f"output_dir={tmp_path}", "--quiet"]
+    assert run_cli(*argv) == 0
+    assert (
+        "[" not in capsys.readouterr().out.split("trickbag run")[0]
+    )  # --quiet: no log lines before the summary
+
+
 def test_help_has_examples(capsys):
     for command in ("train", "eval", "predict", "resume", "report"):
         with pytest.raises(SystemExit):

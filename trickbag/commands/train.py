@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 TRAIN_EPILOG = """examples:
-  trickbag train recipes/digits.yaml                         the embedded default (sklearn digits, ~1 min on CPU)
+  trickbag train recipes/digits.yaml                         the embedded default (sklearn digits, ~10 s on CPU)
   trickbag train recipes/digits.yaml epochs=3 optimizer.lr=0.2 name=quick
   trickbag train recipes/cifar10_fast.yaml data.root=/data/cifar10 precision=bf16
   trickbag train --resume runs/digits-001                    same as `trickbag resume runs/digits-001`
@@ -52,12 +52,15 @@ def register(subparsers) -> None:
         description="Train a classifier from a YAML config, with key.sub=value overrides.",
     )
     train.add_argument("config", nargs="?", help="YAML config (e.g. recipes/digits.yaml)")
-    train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. epochs=5 optimizer.lr=0.2")
+    # REMAINDER so that options may also follow the overrides (`train cfg.yaml epochs=3 --quiet`).
+    train.add_argument(
+        "overrides", nargs=argparse.REMAINDER, help="key.sub=value overrides, e.g. epochs=5 optimizer.lr=0.2"
+    )
     train.add_argument(
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
     )
     train.add_argument("--quiet", action="store_true", help="no console output except the final summary")
-    train.set_defaults(func=handle_train)
+    train.set_defaults(func=handle_train, print_help=train.print_help)
 
     evaluate = subparsers.add_parser(
         "eval",
@@ -382,11 +385,35 @@ def load_model(checkpoint: str | Path, device):
 # Handlers
 
 
+def _options_among_overrides(args) -> None:
+    """Move --quiet / --resume X that followed the overrides back to ``args``; other dashes are an error."""
+    rest, overrides = list(args.overrides), []
+    while rest:
+        item = rest.pop(0)
+        if item == "--quiet":
+            args.quiet = True
+        elif item == "--resume" and rest:
+            args.resume = rest.pop(0)
+        elif item in ("-h", "--help"):
+            args.help_requested = True
+        elif item.startswith("-"):
+            raise ValueError(
+                f"unknown option {item!r} for trickbag train (options: --resume RUN_DIR, --quiet)"
+            )
+        else:
+            overrides.append(item)
+    args.overrides = overrides
+
+
 def handle_train(args) -> int:
     from trickbag.checkpoint import load_checkpoint
     from trickbag.config import load_config
     from trickbag.train import NonFiniteLossError, fit, restore_training_state
 
+    _options_among_overrides(args)
+    if getattr(args, "help_requested", False):
+        args.print_help()
+        return 0
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
