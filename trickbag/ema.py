@@ -1,7 +1,8 @@
 """Exponential moving average of model weights (Polyak averaging), evaluated instead of the raw weights.
 
-``ema = decay * ema + (1 - decay) * weights`` after every optimizer update; buffers (BatchNorm statistics) are
-copied, not averaged, as in timm's ``ModelEmaV2``.
+``ema = decay * ema + (1 - decay) * weights`` after every optimizer update. Buffers (BatchNorm running
+statistics, ``num_batches_tracked``) are copied, not averaged: integer buffers cannot be averaged, and the
+running statistics are already an average of their own.
 """
 
 from __future__ import annotations
