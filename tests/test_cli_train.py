@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from trickbag.cli import main
 
+DIGITS = str(Path(__file__).resolve().parents[1] / "recipes" / "digits.yaml")  # works from any folder
+
 # Small and fast: digits (1,437 train images), 2 epochs, tiny CNN, one thread, deterministic kernels.
 TINY = [
     "epochs=2",
@@ -50,7 +52,7 @@ def only_run(output_dir: Path) -> Path:
 
 def test_train_produces_all_files_and_eval_predict_report(tmp_path, capsys):
     out = tmp_path / "runs"
-    assert run_cli("train", "recipes/digits.yaml", *TINY, f"output_dir={out}", "name=tiny", "--quiet") == 0
+    assert run_cli("train", DIGITS, *TINY, f"output_dir={out}", "name=tiny", "--quiet") == 0
     run_dir = only_run(out)
     assert run_dir.name == "tiny-001"
     for name in ("config.yaml", "train.log", "metrics.csv"):
@@ -101,12 +103,7 @@ def test_train_produces_all_files_and_eval_predict_report(tmp_path, capsys):
 
     student_out = tmp_path / "student"
     teacher = f"distill.teacher={run_dir / 'best_metric'}"
-    assert (
-        run_cli(
-            "train", "recipes/digits.yaml", *TINY, "epochs=1", teacher, f"output_dir={student_out}", "--quiet"
-        )
-        == 0
-    )
+    assert run_cli("train", DIGITS, *TINY, "epochs=1", teacher, f"output_dir={student_out}", "--quiet") == 0
     assert (only_run(student_out) / "last").is_symlink()
 
     assert run_cli("report", str(run_dir)) == 0
@@ -134,7 +131,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     """kill -9 after epoch 1's checkpoint, resume -> the same bytes as a run that never stopped."""
     argv = [*TINY, "epochs=3", *STATEFUL]
     reference_out, killed_out = tmp_path / "reference", tmp_path / "killed"
-    assert run_cli("train", "recipes/digits.yaml", *argv, f"output_dir={reference_out}", "--quiet") == 0
+    assert run_cli("train", DIGITS, *argv, f"output_dir={reference_out}", "--quiet") == 0
     reference = only_run(reference_out)
 
     process = subprocess.Popen(
@@ -143,7 +140,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
             "-m",
             "trickbag",
             "train",
-            "recipes/digits.yaml",
+            DIGITS,
             *argv,
             f"output_dir={killed_out}",
             "--quiet",
@@ -185,9 +182,9 @@ def test_train_errors_are_clear(tmp_path, capsys):
     bad.write_text("epochs: 2\noptimiser:\n  lr: 0.1\n")
     assert run_cli("train", str(bad)) == 2
     assert "unknown key 'optimiser' (did you mean 'optimizer'?)" in capsys.readouterr().err
-    assert run_cli("train", "recipes/digits.yaml", "schedule.kind=cosin") == 2
+    assert run_cli("train", DIGITS, "schedule.kind=cosin") == 2
     err = capsys.readouterr().err
-    assert "schedule.kind='cosin' not in" in err and "recipes/digits.yaml" in err
+    assert "schedule.kind='cosin' not in" in err and DIGITS in err
     assert run_cli("resume", str(tmp_path)) == 2
     assert "not a run folder" in capsys.readouterr().err
     assert run_cli("predict", str(tmp_path), "x.png", "--out", str(tmp_path / "p.csv")) == 2
@@ -207,7 +204,7 @@ def test_image_folder_corrupt_image_named_then_skipped(tmp_path, capsys):
                 Image.new("RGB", (8, 8), colour).save(root / split / label / f"{i}.png")
     broken = root / "train" / "b" / "broken.png"
     broken.write_bytes(b"not an image at all")
-    argv = ["train", "recipes/digits.yaml", *TINY, "data.kind=image_folder", f"data.root={root}",
+    argv = ["train", DIGITS, *TINY, "data.kind=image_folder", f"data.root={root}",
             f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=1", "batch_size=4"]  # fmt: skip
     assert run_cli(*argv, f"output_dir={tmp_path / 'r1'}", "--quiet") == 2
     assert "broken.png" in capsys.readouterr().err
@@ -228,7 +225,7 @@ def test_imbalanced_folder_picks_macro_f1_and_recommends_weights(tmp_path):
         for i in range(count):
             colour = (200, 5 * i, 0) if label == "common" else (0, 5 * i, 200)
             Image.new("RGB", (8, 8), colour).save(root / "train" / label / f"{i}.png")
-    argv = ["train", "recipes/digits.yaml", *TINY, "epochs=1", "data.kind=image_folder", f"data.root={root}",
+    argv = ["train", DIGITS, *TINY, "epochs=1", "data.kind=image_folder", f"data.root={root}",
             "data.val_fraction=0.3", f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=1", "batch_size=8",
             f"output_dir={tmp_path / 'runs'}", "--quiet"]  # fmt: skip
     assert run_cli(*argv) == 0
@@ -248,11 +245,11 @@ def test_imbalanced_folder_picks_macro_f1_and_recommends_weights(tmp_path):
 
 
 def test_options_may_follow_overrides(tmp_path, capsys):
-    assert run_cli("train", "recipes/digits.yaml", "epochs=3", "--bogus") == 2
+    assert run_cli("train", DIGITS, "epochs=3", "--bogus") == 2
     assert "unknown option '--bogus'" in capsys.readouterr().err
-    assert run_cli("train", "recipes/digits.yaml", "epochs=3", "--help") == 0
+    assert run_cli("train", DIGITS, "epochs=3", "--help") == 0
     assert "examples:" in capsys.readouterr().out
-    argv = ["train", "recipes/digits.yaml", *TINY, "epochs=1", f"output_dir={tmp_path}", "--quiet"]
+    argv = ["train", DIGITS, *TINY, "epochs=1", f"output_dir={tmp_path}", "--quiet"]
     assert run_cli(*argv) == 0
     assert (
         "[" not in capsys.readouterr().out.split("trickbag run")[0]

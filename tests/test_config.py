@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from trickbag.config import (
@@ -123,7 +125,7 @@ def test_config_from_dict_source_in_message():
 
 @pytest.mark.parametrize("recipe", ["recipes/digits.yaml", "recipes/imbalanced_folder.yaml"])
 def test_shipped_recipes_validate(recipe):
-    cfg = load_config(recipe)
+    cfg = load_config(Path(__file__).resolve().parents[1] / recipe)
     assert cfg.epochs >= 1
 
 
