@@ -70,18 +70,23 @@ def fit_epoch(model, batches, optimizer, cfg) -> None:
         loss_fn=make_loss(num_classes=10),
         optimizer=optimizer,
         scheduler=scheduler,
-        precision=Precision("fp32", "cpu"),
+        precision=Precision("fp32", batches[0][0].device),
         logger=RunLogger(quiet=True),
     )
     fit(model, Loaders(Batches(batches)), parts, cfg)
 
 
-def measure(name: str, model_name: str, shape, batch_size: int, steps: int, repeats: int) -> dict:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(name: str, model_name: str, shape, batch_size: int, steps: int, repeats: int, device) -> dict:
     generator = torch.Generator().manual_seed(0)
     batches = [
         (
-            torch.randn(batch_size, *shape, generator=generator),
-            torch.randint(0, 10, (batch_size,), generator=generator),
+            torch.randn(batch_size, *shape, generator=generator).to(device),
+            torch.randint(0, 10, (batch_size,), generator=generator).to(device),
         )
         for _ in range(steps)
     ]
@@ -92,6 +97,7 @@ def measure(name: str, model_name: str, shape, batch_size: int, steps: int, repe
     bare_model = build_model(model_name, 10, in_channels=shape[0])
     fit_model = build_model(model_name, 10, in_channels=shape[0])
     fit_model.load_state_dict(bare_model.state_dict())
+    bare_model, fit_model = bare_model.to(device), fit_model.to(device)
     bare_opt = torch.optim.SGD(bare_model.parameters(), lr=0.01, momentum=0.9)
     fit_opt = torch.optim.SGD(fit_model.parameters(), lr=0.01, momentum=0.9)
     criterion = nn.CrossEntropyLoss()
@@ -101,12 +107,15 @@ def measure(name: str, model_name: str, shape, batch_size: int, steps: int, repe
     for repeat in range(repeats):
         # Alternate which loop goes first so neither always runs on a warmer (or busier) machine.
         for which in ("bare", "fit") if repeat % 2 == 0 else ("fit", "bare"):
+            synchronize(device)
             start = time.perf_counter()
             if which == "bare":
                 bare_epoch(bare_model, batches, bare_opt, criterion)
+                synchronize(device)
                 bare_times.append(time.perf_counter() - start)
             else:
                 fit_epoch(fit_model, batches, fit_opt, cfg)
+                synchronize(device)
                 fit_times.append(time.perf_counter() - start)
     images = steps * batch_size
     bare_rate, fit_rate = images / min(bare_times), images / min(fit_times)
@@ -119,7 +128,11 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="few steps and repeats (smoke test)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda (on a GPU the seed's per-step .item() syncs)"
+    )
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     steps, repeats = (8, 2) if args.quick else (30, 9)
     # Small steps make the loop's own cost visible: digits_cnn on 8x8 digits is ~2 ms a step on 2 cores.
@@ -127,11 +140,11 @@ def main() -> None:
         ("digits_cnn 1x8x8 b64", "digits_cnn", (1, 8, 8), 64),
         ("digits_cnn 3x16x16 b64", "digits_cnn", (3, 16, 16), 64),
     ]
-    print(f"torch {torch.__version__}, {platform.machine()}, threads {torch.get_num_threads()}, "
+    print(f"torch {torch.__version__}, {platform.machine()}, {device}, threads {torch.get_num_threads()}, "
           f"{steps} steps x {repeats} repeats (min), shared machine")  # fmt: skip
     print(f"{'case':28s} {'bare img/s':>11s} {'fit img/s':>11s} {'fit/bare':>9s}")
     for name, model_name, shape, batch_size in cases:
-        row = measure(name, model_name, shape, batch_size, steps, repeats)
+        row = measure(name, model_name, shape, batch_size, steps, repeats, device)
         print(f"{row['case']:28s} {row['bare']:11.0f} {row['fit']:11.0f} {row['ratio']:9.3f}")
 
 
