@@ -68,7 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("trickbag: interrupted", file=sys.stderr)
         return 130
-    except (UserError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
+    except (
+        UserError,
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        NotADirectoryError,
+        PermissionError,
+    ) as error:
         if args.debug:
             raise
         print(f"trickbag {args.command}: error: {error}", file=sys.stderr)
