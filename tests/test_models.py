@@ -3,6 +3,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from trickbag.models import MODEL_NAMES, BasicBlock, build_model
 
@@ -14,7 +15,7 @@ from trickbag.models import MODEL_NAMES, BasicBlock, build_model
         ("resnet18_cifar", 3, 32, {"width": 8}),
         ("airbench", 3, 32, {"widths": [8, 16, 16]}),
         ("cifar_fast", 3, 32, {}),
-        ("cifar_fast", 3, 32, {"widths": [8, 16, 16], "depth": 1}),
+        ("cifar_fast", 3, 32, {"widths": [8, 16, 16], "depth": 1, "whiten": True}),
     ],
 )
 def test_forward_shapes(name, in_channels, size, options):
@@ -121,3 +122,33 @@ def test_digits_cnn_learns_digits_quickly():
     with torch.no_grad():
         correct = sum((model(x).argmax(1) == y).sum().item() for x, y in evaluator)
     assert correct / len(test) >= 0.93
+
+
+def test_patch_whitening_fits_once_on_first_training_batch():
+    from trickbag.models import PatchWhitening
+
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(12, 12, generator=generator)
+    patches = torch.randn(4096, 12, generator=generator) @ mixing  # correlated patch pixels
+    x = F.fold(patches.reshape(16, 256, 12).transpose(1, 2), (32, 32), 2, stride=2)  # (16, 3, 32, 32)
+    layer = PatchWhitening(3, 2, eps=1e-8)
+    layer.eval()
+    layer(x)
+    assert int(layer.fitted) == 0  # eval mode never fits
+    layer.train()
+    out = layer(x)
+    assert out.shape == (16, 24, 16, 16) and int(layer.fitted) == 1
+    # Reference: whitened patches have identity second moment; the second half is the negation.
+    flat = out[:, :12].permute(0, 2, 3, 1).reshape(-1, 12).double()
+    torch.testing.assert_close(
+        flat.T @ flat / len(flat), torch.eye(12, dtype=torch.float64), atol=1e-3, rtol=0
+    )
+    torch.testing.assert_close(out[:, 12:], -out[:, :12])
+    weights = layer.conv.weight.clone()
+    layer(x * 3 + 1)  # already fitted: filters unchanged
+    assert torch.equal(layer.conv.weight, weights) and not layer.conv.weight.requires_grad
+    fresh = PatchWhitening(3, 2)
+    fresh.load_state_dict(layer.state_dict())
+    fresh.train()
+    fresh(x * 3 + 1)
+    assert torch.equal(fresh.conv.weight, weights)  # a loaded, fitted layer is not re-fitted
