@@ -15,6 +15,8 @@ from trickbag.models import MODEL_NAMES, BasicBlock, build_model
         ("resnet18_cifar", 3, 32, {"width": 8}),
         ("airbench", 3, 32, {"widths": [8, 16, 16]}),
         ("cifar_fast", 3, 32, {}),
+        ("cifar_fast", 3, 32, {"stem_kernel": 3}),
+        ("cifar_fast", 3, 32, {"stem_kernel": 2, "widths": [8, 8, 8]}),
         ("cifar_fast", 3, 32, {"widths": [8, 16, 16], "depth": 1, "whiten": True}),
     ],
 )
@@ -76,6 +78,8 @@ def test_bad_arguments():
         build_model("cifar_fast", 10, widths=[])
     with pytest.raises(ValueError, match="temperature must be > 0"):
         build_model("cifar_fast", 10, temperature=-1.0)
+    with pytest.raises(ValueError, match="stem_kernel must be 2, 3 or 4"):
+        build_model("cifar_fast", 10, stem_kernel=5)
 
 
 @pytest.fixture
