@@ -501,7 +501,7 @@ def _stack(paths: list[str], decoded: list[np.ndarray]) -> torch.Tensor:
         if array.shape != first_shape:
             raise ValueError(
                 f"images differ in size: {paths[0]!r} is {first_shape[0]}x{first_shape[1]} but {path!r} is "
-                f"{array.shape[0]}x{array.shape[1]} (HxW); pass size=(H, W) (data.size in a config) to resize"
+                f"{array.shape[0]}x{array.shape[1]} (HxW); pass size=(H, W) to load_image_folder/load_csv to resize them"
             )
     return torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()
 
