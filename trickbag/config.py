@@ -45,7 +45,7 @@ class DataConfig(_Section):
     csv: str | None = None  # csv kind: file with columns path,label
     cache_dir: str | None = None
     skip_bad_images: bool = False
-    crop_padding: int = Field(0, ge=0)  # random crop after zero padding of this many pixels
+    crop_padding: int = Field(0, ge=0)  # random crop after reflect padding of this many pixels
     flip: bool = False  # random horizontal flip
     channels_last: bool = False
     num_workers: int | None = Field(None, ge=0)  # decoding processes; None: one per core, 0: in-process
