@@ -390,7 +390,12 @@ class BatchLoader:
         stop = (n // self.batch_size) * self.batch_size if self.drop_last else n
         for start in range(0, stop, self.batch_size):
             index = order_device[start : start + self.batch_size]
-            x = self.normalize(self.images[index])
+            x = self.images[index]
+            # Without a crop, mirror the uint8 batch: flipping commutes with the per-channel normalisation
+            # and moves 4x fewer bytes (the loader's largest cost on CPU).
+            if flips is not None and offsets is None:
+                x = random_flip(x, flips[start : start + self.batch_size])
+            x = self.normalize(x)
             if offsets is not None:
                 x = random_crop(
                     x,
@@ -398,8 +403,8 @@ class BatchLoader:
                     offsets[start : start + self.batch_size],
                     padding_mode=self.padding_mode,
                 )
-            if flips is not None:
-                x = random_flip(x, flips[start : start + self.batch_size])
+                if flips is not None:
+                    x = random_flip(x, flips[start : start + self.batch_size])
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = None if self.labels is None else self.labels[index]
