@@ -268,3 +268,17 @@ def test_command_module_imports_nothing_heavy():
     code = "import sys, trickbag.commands.train; print(sorted({'torch', 'pydantic', 'matplotlib'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"  # `trickbag --help` stays fast
+
+
+def test_checkpoint_that_does_not_fit_its_model_is_a_clear_error(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert run_cli("train", DIGITS, *TINY, "epochs=1", f"output_dir={out}", "--quiet") == 0
+    run_dir = only_run(out)
+    meta_path = (run_dir / "best_metric").resolve() / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["model"]["options"] = {"width": 16}  # as if a model default had changed since the save
+    meta_path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert run_cli("eval", str(run_dir)) == 2
+    err = capsys.readouterr().err
+    assert "do not fit model 'digits_cnn'" in err and "size mismatch" in err

@@ -377,7 +377,14 @@ def load_model(checkpoint: str | Path, device):
     ckpt = load_checkpoint(checkpoint, with_state=False)
     cfg = config_from_dict(ckpt.meta["config"], str(ckpt.path / "meta.json"))
     model = build_model_for(cfg, len(ckpt.meta["classes"]), ckpt.meta["image_shape"][0], device)
-    model.load_state_dict(ckpt.weights)
+    try:
+        model.load_state_dict(ckpt.weights)
+    except RuntimeError as error:  # e.g. a model default changed since the checkpoint was written
+        detail = str(error).strip().splitlines()[-1].strip()
+        raise ValueError(
+            f"checkpoint {ckpt.path}: its weights do not fit model {cfg.model.name!r} built from its config "
+            f"({detail}); was it written by another trickbag version? Set the differing model.options explicitly."
+        ) from error
     return model.eval(), ckpt
 
 
