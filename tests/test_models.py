@@ -18,6 +18,8 @@ from trickbag.models import MODEL_NAMES, BasicBlock, build_model
         ("cifar_fast", 3, 32, {"stem_kernel": 3}),
         ("cifar_fast", 3, 32, {"stem_kernel": 2, "widths": [8, 8, 8]}),
         ("cifar_fast", 3, 32, {"widths": [8, 16, 16], "depth": 1, "whiten": True}),
+        ("cifar_fast", 3, 32, {"pool_first": True, "widths": [8, 16, 16]}),
+        ("cifar_fast", 3, 32, {"pool_first": True, "stem_kernel": 3}),
     ],
 )
 def test_forward_shapes(name, in_channels, size, options):
@@ -39,6 +41,29 @@ def test_channels_last_forward_matches_contiguous():
         model_cl = model.to(memory_format=torch.channels_last)
         out = model_cl(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_cifar_fast_pool_first_moves_the_stem_pool_and_matches_pool_after_a_monotone_bn():
+    # At init in eval mode each BN is x / sqrt(1 + eps): increasing, so max pooling commutes with BN and
+    # ReLU and both orders give the same logits; only the position of the first MaxPool2d differs.
+    torch.manual_seed(0)
+    pool_after = build_model("cifar_fast", 10, widths=[8, 16]).eval()
+    torch.manual_seed(0)
+    pool_before = build_model("cifar_fast", 10, widths=[8, 16], pool_first=True).eval()
+    kinds = [type(m).__name__ for m in pool_before.features[:5]]
+    assert kinds == ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU", "Sequential"]
+    assert [type(m).__name__ for m in pool_after.features[:5]] == [
+        "Conv2d",
+        "BatchNorm2d",
+        "ReLU",
+        "MaxPool2d",
+        "Sequential",
+    ]
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pool_before(x), pool_after(x))
+        pool_before.features[2].weight.fill_(-1.0)  # a decreasing BN no longer commutes with max pooling
+        assert not torch.allclose(pool_before(x), pool_after(x))
 
 
 def test_resnet18_cifar_blocks_expose_last_bn_and_zero_gamma_makes_identity_branch():
@@ -80,6 +105,8 @@ def test_bad_arguments():
         build_model("cifar_fast", 10, temperature=-1.0)
     with pytest.raises(ValueError, match="stem_kernel must be 2, 3 or 4"):
         build_model("cifar_fast", 10, stem_kernel=5)
+    with pytest.raises(ValueError, match="pool_first=True needs the trained stem.*whiten=True"):
+        build_model("cifar_fast", 10, whiten=True, pool_first=True)
 
 
 @pytest.fixture

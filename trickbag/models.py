@@ -228,7 +228,9 @@ class CifarFastNet(nn.Module):
     77.8% for 2x2 patches after 7 CPU epochs, at the same cost) -BN-ReLU of ``stem_width`` channels, or with
     ``whiten=True`` a frozen 2x2 ``PatchWhitening`` fitted on the first training batch (2 * C * 4 channels;
     worse here, so off by default). Then per width: maxpool 2 -> ``depth`` x (conv3x3-BN-ReLU); global max
-    pool; linear (no bias) / ``temperature``. ReLU, not GELU: cheaper on CPU.
+    pool; linear (no bias) / ``temperature``. ReLU, not GELU: cheaper on CPU. ``pool_first=True`` moves the
+    first maxpool between the stem conv and its BN (airbench's conv -> pool -> BN -> act order): the stem's
+    BN and ReLU then see 4x fewer elements (~5% faster on 2 CPU cores, same accuracy in the recipe).
     (N, C, H, W) -> (N, num_classes); H, W divisible by 2 ** (len(widths) + 1).
     """
 
@@ -242,6 +244,7 @@ class CifarFastNet(nn.Module):
         temperature: float = 4.0,
         whiten: bool = False,
         stem_kernel: int = 4,
+        pool_first: bool = False,
     ) -> None:
         super().__init__()
         if len(widths) < 1 or depth < 1:
@@ -254,6 +257,8 @@ class CifarFastNet(nn.Module):
             raise ValueError(
                 f"stem_kernel must be 2, 3 or 4 (stride 2, output H/2 x W/2), got {stem_kernel!r}"
             )
+        if whiten and pool_first:
+            raise ValueError("pool_first=True needs the trained stem: it cannot be combined with whiten=True")
         if whiten:
             stem = PatchWhitening(in_channels, 2)
             layers: list[nn.Module] = [stem, nn.ReLU()]
@@ -266,9 +271,13 @@ class CifarFastNet(nn.Module):
                 nn.BatchNorm2d(stem_width),
                 nn.ReLU(),
             ]
+            if pool_first:
+                # airbench's conv -> pool -> BN -> act order: BN and ReLU see 4x fewer elements.
+                layers.insert(1, nn.MaxPool2d(2))
             channels = stem_width
-        for width in widths:
-            layers.append(nn.MaxPool2d(2))
+        for i, width in enumerate(widths):
+            if not (i == 0 and pool_first):
+                layers.append(nn.MaxPool2d(2))
             for _ in range(depth):
                 layers.append(conv_bn(channels, int(width)))
                 channels = int(width)
