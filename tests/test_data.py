@@ -447,3 +447,25 @@ def test_list_images_and_load_images(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="bad.png"):
         load_images([str(tmp_path / "bad.png")])
+
+
+@pytest.mark.parametrize(
+    ("images", "labels", "message"),
+    [
+        (
+            torch.zeros(2, 4, 4, dtype=torch.uint8),
+            torch.zeros(2, dtype=torch.int64),
+            r"images .* uint8 .*\(N, C, H, W\)",
+        ),
+        (torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.int64), r"images .* uint8"),
+        (
+            torch.zeros(2, 1, 4, 4, dtype=torch.uint8),
+            torch.zeros(2, dtype=torch.int32),
+            r"labels .* int64 .*\(N,\)",
+        ),
+        (torch.zeros(2, 1, 4, 4, dtype=torch.uint8), [0, 1], r"labels .* int64"),
+    ],
+)
+def test_imageset_rejects_wrong_tensor_types(images, labels, message):
+    with pytest.raises(TypeError, match=message):
+        ImageSet(images, labels, ["a", "b"])

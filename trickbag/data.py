@@ -43,6 +43,16 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _check_tensor(name: str, value, dtype: torch.dtype, shape: str) -> None:
+    """TypeError unless ``value`` is a ``dtype`` tensor with as many dimensions as ``shape`` names."""
+    ndim = shape.count(",") + (0 if shape.endswith(",)") else 1)
+    if not isinstance(value, torch.Tensor) or value.dtype != dtype or value.dim() != ndim:
+        raise TypeError(
+            f"{name} must be a tensor of dtype {str(dtype).removeprefix('torch.')} and shape {shape}, got "
+            f"{getattr(value, 'dtype', type(value))} {tuple(getattr(value, 'shape', ()))}"
+        )
+
+
 @dataclass
 class ImageSet:
     """A labelled image set held in memory.
@@ -62,24 +72,8 @@ class ImageSet:
     skipped: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if (
-            not isinstance(self.images, torch.Tensor)
-            or self.images.dtype != torch.uint8
-            or self.images.dim() != 4
-        ):
-            raise TypeError(
-                f"ImageSet.images must be a uint8 tensor of shape (N, C, H, W), got "
-                f"{getattr(self.images, 'dtype', type(self.images))} {tuple(getattr(self.images, 'shape', ()))}"
-            )
-        if (
-            not isinstance(self.labels, torch.Tensor)
-            or self.labels.dtype != torch.int64
-            or self.labels.dim() != 1
-        ):
-            raise TypeError(
-                f"ImageSet.labels must be an int64 tensor of shape (N,), got "
-                f"{getattr(self.labels, 'dtype', type(self.labels))} {tuple(getattr(self.labels, 'shape', ()))}"
-            )
+        _check_tensor("ImageSet.images", self.images, torch.uint8, "(N, C, H, W)")
+        _check_tensor("ImageSet.labels", self.labels, torch.int64, "(N,)")
         if len(self.labels) != len(self.images):
             raise ValueError(f"ImageSet has {len(self.images)} images but {len(self.labels)} labels")
         if self.paths is not None and len(self.paths) != len(self.images):
