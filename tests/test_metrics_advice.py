@@ -88,3 +88,11 @@ def test_plot_confusion_matrix_writes_png(tmp_path):
         plot_confusion_matrix(cm, ["a", "b"], tmp_path / "x.png")
     with pytest.raises(ValueError, match="cm must be a square"):
         plot_confusion_matrix([[1, 2, 3]], ["a"], tmp_path / "x.png")
+
+
+def test_equal_counts_are_stated_once_not_as_largest_and_smallest():
+    advice = advise({"a": 7, "b": 7, "c": 7})
+    assert advice.imbalance_ratio == 1.0
+    text = " ".join(advice.lines)
+    assert "21 examples in 3 classes, 7 each" in text
+    assert "largest" not in text

@@ -152,6 +152,8 @@ def advise(labels_or_counts, *, class_names: Sequence[str] | None = None) -> Adv
             f"Only one class ({largest_name!r}) has examples: every metric is trivial and a classifier cannot "
             "be evaluated. Check the labels or the data path."
         )
+    elif largest == smallest:
+        lines.append(f"{total} examples in {len(present)} classes, {largest} each: imbalance ratio 1.0:1.")
     else:
         lines.append(
             f"{total} examples in {len(present)} classes; largest {largest_name!r} ({largest}), "
