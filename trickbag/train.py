@@ -2,7 +2,7 @@
 
 One readable loop, no base class and no hooks. ``parts`` is a plain dataclass holding the pieces the loop
 composes (loss, optimizer, scheduler, precision, mixer, EMA, teacher, metrics, checkpointer, logger); build them
-yourself or with ``trickbag.commands.train.build_run`` from a config. The step is the seed's
+yourself or with ``trickbag.run.build_run`` from a config. The step is the seed's
 zero_grad -> forward -> loss -> backward -> step, plus gradient accumulation, autocast, clipping and EMA.
 
 Calling contract of the parts: ``scheduler.step()`` once per *real* optimizer update (not when the fp16 scaler
