@@ -32,6 +32,7 @@ from trickbag.mixing_masks import (
     _check_images,
     _mix_targets,
     _no_partner,
+    _paste,
     _prepare,
     _resolve_lam,
     _resolve_perm,
@@ -120,7 +121,7 @@ def cutmix(x, target, *, alpha=1.0, num_classes=None, per_sample=False, pairing=
             mixed[:, :, y0:y1, x0:x1] = region.flip(0) if perm is None else region.index_select(0, perm)
     else:
         inside = box_masks(boxes.to(x.device, non_blocking=True), height, width).unsqueeze(1)
-        mixed = _blend(x, perm, 1.0 - inside)
+        mixed = _paste(x, perm, inside)
     return _same_format(mixed, x), _mix_targets(soft, lam, perm)
 
 
