@@ -7,6 +7,7 @@ lives. ``trickbag.mixing`` builds ``mixup`` / ``cutmix`` / ``fmix`` on top of th
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -75,6 +76,9 @@ def _soft_targets(
             f"target holds class indices in [{low}, {high}], "
             f"allowed [0, {num_classes - 1}] for num_classes={num_classes}"
         )
+    if target.device.type == "cpu":  # range checked above; F.one_hot would check it again (~5 µs)
+        rows = torch.zeros(n, num_classes)
+        return rows.scatter_(1, target.long().view(-1, 1), 1.0)
     return F.one_hot(target.long(), num_classes).to(torch.float32)
 
 
@@ -376,20 +380,30 @@ def cutmix_boxes(
     return torch.stack((low, high), dim=2).reshape(-1, 4), 1.0 - area / float(height * width)
 
 
+@functools.lru_cache(maxsize=8)
+def _interval_table(size: int, device: torch.device) -> torch.Tensor:
+    """((size + 1)², size) float32: row ``low · (size + 1) + high`` is 1 on [low, high), else 0."""
+    index = torch.arange(size, device=device)
+    bounds = torch.arange(size + 1, device=device)
+    table = (index >= bounds.view(-1, 1, 1)) & (index < bounds.view(1, -1, 1))
+    return table.float().view(-1, size)
+
+
 def box_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(M, H, W) float32 masks, 1 inside each half-open box ``[y0, y1, x0, x1]`` of ``boxes`` (M, 4), else 0.
 
     Built as the product of a row and a column indicator, so M boxes cost one broadcast pass and no Python
     loop (float: a broadcast ``&`` of bool tensors is ~10x slower on CPU).
     """
-    # Rows and columns in one (M, 2, max(H, W)) indicator: 4 small ops, then one broadcast product.
-    if boxes.device.type == "cpu":  # NumPy's per-call overhead on these small arrays is ~4x lower
-        index = np.arange(max(height, width))
-        low, high = np.moveaxis(boxes.numpy().reshape(-1, 2, 2), 2, 0)[..., None]  # (M, 2, 1): [y, x]
-        inside = torch.from_numpy(((index >= low) & (index < high)).astype(np.float32))
-    else:
-        index = torch.arange(max(height, width), device=boxes.device)
-        low, high = boxes.view(-1, 2, 2).unbind(2)  # (M, 2): [y0, x0], [y1, x1]
+    size = max(height, width)
+    low, high = boxes.view(-1, 2, 2).unbind(2)  # (M, 2): [y0, x0], [y1, x1]
+    if size <= 64:
+        # Look the (M, 2) row and column indicators up in a table of every [low, high) interval: one small
+        # gather instead of ~6 small compare ops (~12 µs against ~40 µs for 512 boxes).
+        inside = _interval_table(size, boxes.device).index_select(0, (low * (size + 1) + high).view(-1))
+        inside = inside.view(-1, 2, size)
+    else:  # the table would hold (size + 1)² · size floats
+        index = torch.arange(size, device=boxes.device)
         inside = ((index >= low.unsqueeze(2)) & (index < high.unsqueeze(2))).float()
     return torch.mul(inside[:, 0, :height].unsqueeze(2), inside[:, 1, :width].unsqueeze(1))
 
