@@ -240,10 +240,11 @@ def _log_gamma_numpy(shape: float, count: int, generator: torch.Generator | None
         angle = torch.from_numpy(u[half : 2 * half] * (2.0 * math.pi))  # torch's cos/sin are ~3x NumPy's
         z = np.concatenate((radius * angle.cos().numpy(), radius * angle.sin().numpy()))
         u3, boost = u[2 * half : 4 * half], u[4 * half :]
-        v = (1.0 + c * z) ** 3
-        v_safe = np.maximum(v, 1e-300)
-        accept = (v > 0) & (np.log(u3) < 0.5 * z * z + d - d * v_safe + d * np.log(v_safe))
-        accepted = np.log(d * v_safe[accept])[:need]
+        w = 1.0 + c * z
+        v = w * w * w  # ~5x faster than w ** 3 in NumPy
+        log_v = np.log(np.maximum(v, 1e-300))
+        accept = (v > 0) & (np.log(u3) < 0.5 * z * z + d * (1.0 - v + log_v))
+        accepted = log_v[accept][:need] + math.log(d)
         if extra:  # the boost uniforms come with the first round
             boost_log, extra = np.log(boost) / shape, 0
         parts.append(accepted)
