@@ -103,7 +103,7 @@ def main() -> None:
         for method, mode, fn in cases(x, labels, generator):
             ms = timed(fn, device, repeats)
             copy_ms = copy_ms or ms
-            print(f"{method:<20}{mode:<16}{ms:>10.2f}{ms / copy_ms:>9.2f}")
+            print(f"{method:<20}{mode:<16}{ms:>10.3f}{ms / copy_ms:>9.2f}")
 
 
 if __name__ == "__main__":
