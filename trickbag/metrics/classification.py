@@ -189,6 +189,15 @@ def accuracy(preds: torch.Tensor, target: torch.Tensor, *, top_k: int = 1) -> fl
     return float((pred_labels == target).double().mean())
 
 
+def _prf(preds, target, num_classes, average, labels, zero_division, which: str):
+    """Shared body of precision / recall / f1_score: validate, one confusion matrix, reduce to ``which``."""
+    _check_choice("average", average, AVERAGES)
+    _check_zero_division(zero_division)
+    pred_labels, target, num_classes, labels = _prepare(preds, target, num_classes, labels)
+    cm = _confusion_matrix_update(pred_labels, target, num_classes)
+    return _prf_compute(cm, labels, average, zero_division, which)
+
+
 def precision(preds, target, *, num_classes=None, average="macro", labels=None, zero_division="warn"):
     """Precision tp / (tp + fp) per class, or averaged; equal to ``sklearn.metrics.precision_score``.
 
@@ -198,29 +207,17 @@ def precision(preds, target, *, num_classes=None, average="macro", labels=None, 
         labels: class indices to report and average over; None = classes seen in target or preds.
         zero_division: value for 0/0 (0, 1 or nan); "warn" = 0 plus an UndefinedMetricWarning.
     """
-    _check_choice("average", average, AVERAGES)
-    _check_zero_division(zero_division)
-    pred_labels, target, num_classes, labels = _prepare(preds, target, num_classes, labels)
-    cm = _confusion_matrix_update(pred_labels, target, num_classes)
-    return _prf_compute(cm, labels, average, zero_division, "precision")
+    return _prf(preds, target, num_classes, average, labels, zero_division, "precision")
 
 
 def recall(preds, target, *, num_classes=None, average="macro", labels=None, zero_division="warn"):
     """Recall tp / (tp + fn); equal to ``sklearn.metrics.recall_score``. Arguments as :func:`precision`."""
-    _check_choice("average", average, AVERAGES)
-    _check_zero_division(zero_division)
-    pred_labels, target, num_classes, labels = _prepare(preds, target, num_classes, labels)
-    cm = _confusion_matrix_update(pred_labels, target, num_classes)
-    return _prf_compute(cm, labels, average, zero_division, "recall")
+    return _prf(preds, target, num_classes, average, labels, zero_division, "recall")
 
 
 def f1_score(preds, target, *, num_classes=None, average="macro", labels=None, zero_division="warn"):
     """F1 = 2 tp / (2 tp + fp + fn); equal to ``sklearn.metrics.f1_score``. Arguments as :func:`precision`."""
-    _check_choice("average", average, AVERAGES)
-    _check_zero_division(zero_division)
-    pred_labels, target, num_classes, labels = _prepare(preds, target, num_classes, labels)
-    cm = _confusion_matrix_update(pred_labels, target, num_classes)
-    return _prf_compute(cm, labels, average, zero_division, "f1")
+    return _prf(preds, target, num_classes, average, labels, zero_division, "f1")
 
 
 def _sorted_rows(rows: torch.Tensor) -> torch.Tensor:
