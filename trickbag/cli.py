@@ -2,8 +2,8 @@
 
 Each subcommand lives in ``trickbag/commands/<name>.py`` and exposes ``register(subparsers)``; those modules
 import nothing heavy at module level, so ``trickbag --help`` stays fast. Errors a user can fix (bad config,
-missing file) are raised as ``UserError`` subclasses / ``ValueError`` / ``FileNotFoundError`` and printed as one
-line without a traceback; ``--debug`` shows the traceback.
+missing file, full disk) are raised as ``UserError`` subclasses / ``ValueError`` / ``TypeError`` / ``OSError`` and
+printed as one line without a traceback, exit code 2; ``--debug`` shows the traceback. Nothing imports this module.
 """
 
 from __future__ import annotations
@@ -17,9 +17,16 @@ from trickbag import __version__
 # Order here is the order shown in --help.
 COMMAND_MODULES = (
     "trickbag.commands.train",
+    "trickbag.commands.resume",
+    "trickbag.commands.evaluate",
+    "trickbag.commands.predict",
+    "trickbag.commands.report",
+    "trickbag.commands.ablate",
     "trickbag.commands.inspect",
     "trickbag.commands.schedule",
     "trickbag.commands.mix",
+    "trickbag.commands.recipes",
+    "trickbag.commands.cache",
 )
 
 EPILOG = """examples:
@@ -68,14 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("trickbag: interrupted", file=sys.stderr)
         return 130
-    except (
-        UserError,
-        ValueError,
-        TypeError,
-        FileNotFoundError,
-        NotADirectoryError,
-        PermissionError,
-    ) as error:
+    # OSError covers a missing file or folder, a permission problem and a full disk ("No space left on device"
+    # while a checkpoint is written): all things the user fixes outside trickbag, so one line, not a traceback.
+    except (UserError, ValueError, TypeError, OSError) as error:
         if args.debug:
             raise
         print(f"trickbag {args.command}: error: {error}", file=sys.stderr)

@@ -1,0 +1,82 @@
+"""``trickbag eval CHECKPOINT [--data FOLDER]``: a checkpoint's metrics, evaluated as its run evaluated.
+
+(The module is not named ``eval.py`` so that it never shadows the builtin in a reader's head or a tool's.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from trickbag.commands._common import precision_runs
+from trickbag.run import (
+    align_classes,
+    load_datasets,
+    load_model,
+    loss_from_config,
+    match_channels,
+    resolve_device,
+)
+
+EPILOG = """examples:
+  trickbag eval runs/digits-001/best_metric                  the run's own evaluation set
+  trickbag eval runs/digits-001 --data /data/cifar10/test    an image folder with one subfolder per class
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a checkpoint",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+        description="Evaluate a checkpoint (folder, run_dir/best_metric, or a run folder) and print its metrics.",
+    )
+    parser.add_argument("checkpoint", help="checkpoint folder or run folder (uses its best_metric)")
+    parser.add_argument("--data", help="image folder with class subfolders (default: the run's eval set)")
+    parser.add_argument(
+        "--flip-tta",
+        action="store_true",
+        help="average with mirrored images (default: as the run's eval.flip_tta)",
+    )
+    parser.set_defaults(func=handle_eval)
+
+
+def handle_eval(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from trickbag import data
+    from trickbag.config import config_from_dict
+    from trickbag.metrics import ClassificationMetrics
+    from trickbag.precision import Precision
+    from trickbag.train import evaluate
+
+    device = resolve_device("auto")
+    model, ckpt = load_model(args.checkpoint, device)
+    classes, (channels, height, width) = ckpt.meta["classes"], ckpt.meta["image_shape"]
+    cfg = config_from_dict(ckpt.meta["config"], str(ckpt.path / "meta.json"))
+    if args.data:
+        imageset = align_classes(data.load_image_folder(args.data, size=(height, width)), classes)
+    else:  # the evaluation set the run itself used (same seed, same split)
+        _, imageset = load_datasets(cfg)
+    images = match_channels(imageset.images, channels)
+    # Evaluate as the run did: its precision, memory format, loss (smoothing, class weights) and flip TTA.
+    loader = data.BatchLoader.for_eval(
+        images, imageset.labels, batch_size=256, device=device, mean=ckpt.meta["mean"], std=ckpt.meta["std"],
+        channels_last=cfg.data.channels_last,
+    )  # fmt: skip
+    metrics = ClassificationMetrics(len(classes), class_names=classes, zero_division=0.0)
+    loss_fn = loss_from_config(cfg, len(classes), ckpt.meta.get("class_weights"))
+    precision = Precision(cfg.precision, device) if precision_runs(cfg.precision, device) else None
+    scores = evaluate(
+        model, loader, loss_fn, metrics, precision=precision, flip_tta=args.flip_tta or cfg.eval.flip_tta
+    )
+    print(f"{ckpt.path} on {args.data or 'its evaluation set'} ({len(images)} images)")
+    table = Table()
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in scores.items():
+        table.add_row(key, f"{value:.4f}")
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    return 0
