@@ -1,8 +1,7 @@
-"""Run logs (console, train.log, metrics.csv, optional TensorBoard), the progress bar, and ``trickbag report``.
+"""``trickbag report RUN_DIR``: loss/metric/LR curves, the confusion matrix and per-class F1 of a run folder.
 
-The console gets a rich progress bar (loss, LR, throughput, ETA) only when it is a terminal; in CI logs it
-stays quiet and the trainer's plain log lines (running loss every ``log_every`` updates, one line per epoch)
-are the whole output.
+Reads ``metrics.csv`` and the best_metric checkpoint's ``meta.json``; writes ``report.png`` and a self-contained
+``report.html`` (the PNG embedded as base64).
 """
 
 from __future__ import annotations
@@ -13,143 +12,14 @@ import html
 import io
 import json
 import math
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from trickbag.checkpoint import atomic_write_bytes
 
-METRICS_FILE = "metrics.csv"
-LOG_FILE = "train.log"
-CONSOLE_KEYS = ("train_loss", "val_loss", "accuracy", "macro_f1", "balanced_accuracy", "lr")
-
-
-class RunLogger:
-    """Log lines to stdout and ``run_dir/train.log``; per-epoch rows to ``metrics.csv`` (and TensorBoard).
-
-    Args:
-        run_dir: folder for the files; None logs to the console only.
-        tensorboard: also write TensorBoard scalars (needs the ``tensorboard`` package).
-        quiet: no console output (files are still written).
-    """
-
-    def __init__(
-        self, run_dir: str | Path | None = None, *, tensorboard: bool = False, quiet: bool = False
-    ) -> None:
-        self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.quiet = quiet
-        self.interactive = sys.stdout.isatty() and not quiet
-        self.writer = None
-        if tensorboard and self.run_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ValueError(
-                    "logging.tensorboard=true needs the tensorboard package: pip install 'trickbag[tensorboard]'"
-                ) from None
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-
-    def info(self, message: str) -> None:
-        stamp = time.strftime("%H:%M:%S")
-        if not self.quiet:
-            print(f"[{stamp}] {message}", flush=True)
-        if self.run_dir is not None:
-            with open(self.run_dir / LOG_FILE, "a", encoding="utf-8") as handle:
-                handle.write(f"[{stamp}] {message}\n")
-
-    def epoch(self, row: dict[str, Any], history: list[dict[str, Any]]) -> None:
-        """Log one epoch's row; rewrite metrics.csv from the whole history (so a resumed run has no dupes)."""
-        # The console gets the headline numbers; metrics.csv has every column.
-        shown = " ".join(f"{key} {_fmt(row[key])}" for key in CONSOLE_KEYS if key in row)
-        self.info(
-            f"epoch {row['epoch']}: {shown} ({row.get('time_s', 0):.1f} s, {row.get('images_per_s', 0):.0f} img/s)"
-        )
-        if self.run_dir is not None:
-            atomic_write_bytes(self.run_dir / METRICS_FILE, history_to_csv(history).encode("utf-8"))
-        if self.writer is not None:
-            for key, value in row.items():
-                if key != "epoch" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, row["epoch"])
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def history_to_csv(history: list[dict[str, Any]]) -> str:
-    columns: list[str] = []
-    for row in history:
-        columns.extend(key for key in row if key not in columns)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow(row)
-    return buffer.getvalue()
-
-
-class Progress:
-    """A rich progress bar refreshed at most 5 times a second; a no-op when stdout is not a terminal.
-
-    ``advance`` is called once per micro-batch and costs a clock read; the loss shown is the last running loss
-    the trainer logged, so the bar never forces a device sync.
-    """
-
-    def __init__(self, logger: RunLogger, total: int) -> None:
-        self.bar = None
-        self.pending = 0
-        self.last_refresh = 0.0
-        self.fields = {"loss": "-", "lr": "-", "speed": "-"}
-        if not logger.interactive or total <= 0:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-        from rich.progress import Progress as RichProgress
-
-        self.bar = RichProgress(
-            TextColumn("train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]} lr {task.fields[lr]} {task.fields[speed]} img/s"),
-            TimeRemainingColumn(),
-            transient=True,
-            auto_refresh=False,  # no refresh thread: the bar redraws only in advance(), at most 5 times a second
-        )
-        self.bar.start()
-        self.task = self.bar.add_task("train", total=total, **self.fields)
-
-    @property
-    def lr(self) -> str:
-        return self.fields["lr"]
-
-    def describe(self, *, loss: float, lr: float) -> None:
-        self.fields.update(loss=f"{loss:.4f}", lr=f"{lr:.4g}")
-
-    def advance(self, images: int, started: float) -> None:
-        """One micro-batch done; ``images`` seen since ``started`` (perf_counter) give the throughput."""
-        if self.bar is None:
-            return
-        self.pending += 1
-        now = time.perf_counter()
-        if now - self.last_refresh >= 0.2:
-            self.fields["speed"] = f"{images / max(now - started, 1e-9):.0f}"
-            self.bar.update(self.task, advance=self.pending, **self.fields)
-            self.bar.refresh()
-            self.pending, self.last_refresh = 0, now
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# trickbag report RUN_DIR
+# Progress and RunLogger re-exported: compatibility: removed once train.py/run.py import the new modules.
+from trickbag.progress import Progress  # noqa: F401
+from trickbag.runlog import METRICS_FILE, RunLogger, format_value  # noqa: F401
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
@@ -267,7 +137,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         ax.set(title="per-class F1 (best_metric)", xlim=(0, 1))
         ax.invert_yaxis()
     axes[1][2].axis("off")
-    summary = [f"{key}: {_fmt(value)}" for key, value in (meta.get("scores") or {}).items()]
+    summary = [f"{key}: {format_value(value)}" for key, value in (meta.get("scores") or {}).items()]
     axes[1][2].text(
         0, 1, "\n".join(["best_metric checkpoint", *summary]), va="top", family="monospace", fontsize=9
     )
@@ -280,7 +150,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     atomic_write_bytes(png_path, buffer.getvalue())
 
     table = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(row.get(key)))}</td>" for key in rows[0]) + "</tr>"
+        "<tr>" + "".join(f"<td>{html.escape(format_value(row.get(key)))}</td>" for key in rows[0]) + "</tr>"
         for row in rows
     )
     header = "".join(f"<th>{html.escape(key)}</th>" for key in (rows[0] if rows else {}))
