@@ -123,6 +123,60 @@ def test_focal_gradcheck_float64(gamma):
     assert torch.autograd.gradcheck(lambda x: focal_loss(x, wide_target, gamma=gamma), (wide,))
 
 
+def naive_weighted_focal(logits, target, gamma, alpha):
+    """Weighted-mean focal loss by its formula, differentiable in alpha: sum_i a_t l_i / sum_i a_t."""
+    keep = target != -100
+    logits, target = logits[keep], target[keep]
+    p = torch.softmax(logits, 1)
+    one_hot = F.one_hot(target, logits.shape[1]).to(logits.dtype)
+    per_sample = -(one_hot * (1 - p) ** gamma * torch.log(p)).sum(1)
+    sample_weight = (one_hot * alpha).sum(1)
+    return (sample_weight * per_sample).sum() / sample_weight.sum()
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("classes", [5, 40])  # both sides of the small-C kernel switch
+def test_focal_gradients_wrt_logits_and_alpha_match_naive_formula(gamma, classes):
+    logits, target = make(12, classes, seed=31)
+    target[3] = -100
+    alpha = torch.linspace(0.2, 3.0, classes, dtype=torch.float64).requires_grad_()
+    ours = focal_loss(logits, target, gamma=gamma, alpha=alpha)
+    reference = naive_weighted_focal(logits, target, gamma, alpha)
+    torch.testing.assert_close(ours, reference)
+    ours_grads = torch.autograd.grad(ours, (logits, alpha))
+    reference_grads = torch.autograd.grad(reference, (logits, alpha))
+    # The alpha gradient is not zero: the denominator sum_i a_t depends on alpha.
+    assert ours_grads[1].abs().max() > 1e-3
+    torch.testing.assert_close(ours_grads, reference_grads)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("classes", [4, 17])
+def test_focal_gradcheck_and_gradgradcheck_in_logits_and_alpha(gamma, classes):
+    logits, target = make(5, classes, seed=32, scale=1.5)
+    target[2] = -100
+    alpha = torch.linspace(0.5, 2.0, classes, dtype=torch.float64).requires_grad_()
+    for reduction in ("mean", "none"):
+
+        def loss(x, a, reduction=reduction):
+            return focal_loss(x, target, gamma=gamma, alpha=a, reduction=reduction)
+
+        assert torch.autograd.gradcheck(loss, (logits, alpha))
+        assert torch.autograd.gradgradcheck(loss, (logits, alpha))
+    assert torch.autograd.gradgradcheck(lambda x: focal_loss(x, target.clamp_min(0), gamma=gamma), (logits,))
+
+
+def test_focal_small_classes_double_backward_matches_naive_gradient_penalty():
+    # create_graph=True through the hand-written backward equals autograd through the formula.
+    logits, target = make(8, 6, seed=33)
+    alpha = torch.linspace(0.3, 2.0, 6, dtype=torch.float64)
+    penalties = []
+    for fn in (focal_loss, lambda x, t, alpha: naive_weighted_focal(x, t, 2.0, alpha)):
+        (grad,) = torch.autograd.grad(fn(logits, target, alpha=alpha), logits, create_graph=True)
+        penalties.append(torch.autograd.grad(grad.square().sum(), logits)[0])
+    torch.testing.assert_close(*penalties)
+
+
 def test_focal_soft_targets_match_definition_and_one_hot_rows():
     logits, target = make(7, 5, seed=8)
     q = torch.softmax(torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(9)), 1)

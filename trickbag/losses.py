@@ -179,42 +179,60 @@ def _focal_term(log_p: Tensor, gamma: float) -> Tensor:
 _SMALL_C = 16
 
 
+def _small_class_terms(x: Tensor, target: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    """Unweighted per-sample loss -(1 - p_t)^gamma log p_t and its derivative dL/dlog p_t, both (M,).
+
+    Plain differentiable ops, so a backward that recomputes them from the logits can be differentiated again.
+    """
+    log_p = x.gather(1, target.unsqueeze(1)).squeeze(1) - torch.logsumexp(x, dim=1)
+    if gamma == 0.0:
+        return -log_p, torch.full_like(log_p, -1.0)
+    one_minus_p = -torch.expm1(log_p)
+    modulator = one_minus_p.pow(gamma)
+    # dL/dlog_p = -u^g (1 - g p log_p / u) with u = 1 - p. Where u = 0 the factor u^g is 0, so the clamp
+    # only has to keep log_p / u finite.
+    ratio = log_p / one_minus_p.clamp_min(torch.finfo(log_p.dtype).tiny)
+    return -modulator * log_p, modulator * (gamma * torch.exp(log_p) * ratio - 1.0)
+
+
 class _SmallClassFocalFunction(torch.autograd.Function):
     """Per-sample focal loss for index targets and C < 16, with a hand-derived backward.
 
     Saves the logits, the targets and one (M,) coefficient, about what CE saves (its (M, C) log_softmax
-    plus targets), where autograd through logsumexp would also keep the (M,) log-sum-exp.
+    plus targets), where autograd through logsumexp would also keep the (M,) log-sum-exp. When the
+    per-sample weight requires grad (a learned or checked alpha), the unweighted (M,) loss is kept too:
+    dL_i/dw_i = unweighted loss_i.
+
+    Double backward: grad mode is on inside ``backward`` exactly when the caller asked for
+    ``create_graph=True``. Then the coefficient and loss are recomputed from the saved logits with plain
+    ops, so the backward's own graph is exact; otherwise the saved (M,) terms are used (the fast path).
     """
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, weight: Tensor | None, gamma: float) -> Tensor:
         x = logits.to(_compute_dtype(logits))
-        log_p = x.gather(1, target.unsqueeze(1)).squeeze(1) - torch.logsumexp(x, dim=1)
-        if gamma == 0.0:
-            loss, coefficient = -log_p, torch.full_like(log_p, -1.0)
-        else:
-            one_minus_p = -torch.expm1(log_p)
-            modulator = one_minus_p.pow(gamma)
-            loss = -modulator * log_p
-            # dL/dlog_p = -u^g (1 - g p log_p / u) with u = 1 - p. Where u = 0 the factor u^g is 0, so
-            # the clamp only has to keep log_p / u finite.
-            ratio = log_p / one_minus_p.clamp_min(torch.finfo(log_p.dtype).tiny)
-            coefficient = modulator * (gamma * torch.exp(log_p) * ratio - 1.0)
-        if weight is not None:
-            loss, coefficient = loss * weight, coefficient * weight
-        ctx.save_for_backward(logits, target, coefficient)
-        return loss
+        loss, coefficient = _small_class_terms(x, target, gamma)
+        keep_loss = weight is not None and ctx.needs_input_grad[2]
+        ctx.gamma = gamma
+        ctx.save_for_backward(logits, target, weight, coefficient, loss if keep_loss else None)
+        return loss if weight is None else loss * weight
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: Tensor):
-        logits, target, coefficient = ctx.saved_tensors
-        scale = (grad_loss * coefficient).unsqueeze(1)
+        logits, target, weight, coefficient, loss = ctx.saved_tensors
         x = logits.to(coefficient.dtype)
+        if torch.is_grad_enabled():
+            loss, coefficient = _small_class_terms(x, target, ctx.gamma)
+        weighted = coefficient if weight is None else coefficient * weight
+        scale = (grad_loss * weighted).unsqueeze(1)
         # dlog_p_t/dx_j = onehot_j - softmax_j; softmax is recomputed rather than stored.
-        grad = torch.exp(x - torch.logsumexp(x, dim=1, keepdim=True)).mul_(-scale)
-        grad.scatter_add_(1, target.unsqueeze(1), scale)
-        return grad.to(logits.dtype), None, None, None
+        softmax = torch.exp(x - torch.logsumexp(x, dim=1, keepdim=True))
+        if torch.is_grad_enabled():
+            grad = (-scale * softmax).scatter_add(1, target.unsqueeze(1), scale)
+        else:  # in place: nothing differentiates through this buffer
+            grad = softmax.mul_(-scale).scatter_add_(1, target.unsqueeze(1), scale)
+        grad_weight = grad_loss * loss if ctx.needs_input_grad[2] else None
+        return grad.to(logits.dtype), None, grad_weight, None
 
 
 def _focal_index(logits: Tensor, target: Tensor, weight: Tensor | None, gamma: float) -> Tensor:
