@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -12,10 +13,13 @@ from torch import nn
 
 import trickbag.checkpoint as checkpoint_module
 from trickbag.checkpoint import (
+    CheckpointCorruptError,
     Checkpointer,
     atomic_write_bytes,
     capture_rng_state,
+    checkpoint_folders,
     checkpoint_name,
+    find_good_checkpoint,
     load_checkpoint,
     resolve_checkpoint,
     restore_rng_state,
@@ -126,8 +130,11 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, writer):
     else:
         with open(folder / "state.pt", "wb") as handle:
             pickle.dump({"evil": Payload()}, handle)
-    with pytest.raises(ValueError, match="refused to load training state"):
+    # The checksum catches the swapped file first; without it, weights_only still refuses to run the payload.
+    with pytest.raises(CheckpointCorruptError, match="state.pt: checksum mismatch"):
         load_checkpoint(tmp_path / "last")
+    with pytest.raises(ValueError, match="refused to load training state"):
+        load_checkpoint(tmp_path / "last", verify=False)
     assert not marker.exists()
     # without the state the weights (safetensors) still load
     assert load_checkpoint(tmp_path / "last", with_state=False).state == {}
@@ -136,8 +143,10 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, writer):
 def test_corrupt_files_give_clear_errors(tmp_path):
     folder = save_checkpoint(tmp_path, "best_metric", weights=weights(), meta={"epoch": 1})
     (folder / "model.safetensors").write_bytes(b"\x00garbage")
-    with pytest.raises(ValueError, match="not a valid safetensors file"):
+    with pytest.raises(CheckpointCorruptError, match="model.safetensors: checksum mismatch"):
         load_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        load_checkpoint(tmp_path, verify=False)
     (folder / "meta.json").write_text("{not json")
     with pytest.raises(ValueError, match="meta.json: not valid JSON"):
         load_checkpoint(tmp_path)
@@ -196,3 +205,121 @@ def test_stale_temp_folder_from_a_killed_save_is_removed(tmp_path):
     (tmp_path / ".last-abc.tmp" / "model.safetensors").write_bytes(b"half written")
     save_checkpoint(tmp_path, "last", weights=weights(), meta={"epoch": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "last-epoch001"]
+
+
+# ---------------------------------------------------------------------------------------------------- checksums
+
+
+def flip_bit(path, offset_from_end=3):
+    """Flip one bit near the end of a file (inside the tensor data, so safetensors' header still parses)."""
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_meta_records_the_sha256_and_size_of_each_file(tmp_path):
+    folder = save_checkpoint(
+        tmp_path, "last", weights=weights(), meta={"epoch": 1}, state={"x": torch.ones(2)}
+    )
+    meta = json.loads((folder / "meta.json").read_text())
+    for name in ("model.safetensors", "state.pt"):
+        data = (folder / name).read_bytes()
+        assert meta["files"][name] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    # meta_sha256 is the hash of meta.json's content without that key, as canonical JSON
+    stored = meta.pop("meta_sha256")
+    canonical = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    assert stored == hashlib.sha256(canonical).hexdigest()
+    with pytest.raises(ValueError, match="reserved for the checksums"):
+        save_checkpoint(tmp_path, "last", weights=weights(), meta={"epoch": 1, "files": {}})
+
+
+def test_flipped_bit_in_weights_is_caught_naming_file_and_hashes(tmp_path):
+    folder = save_checkpoint(tmp_path, "best_metric", weights=weights(), meta={"epoch": 1})
+    expected = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    flip_bit(folder / "model.safetensors")
+    actual = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    with pytest.raises(CheckpointCorruptError, match="model.safetensors: checksum mismatch") as caught:
+        load_checkpoint(tmp_path)
+    assert caught.value.expected == expected and caught.value.actual == actual
+    assert caught.value.path == folder.resolve() / "model.safetensors"
+    assert expected in str(caught.value) and actual in str(caught.value)
+    # Without verification the flip loads silently with other values: the checksum is what catches it.
+    unverified = load_checkpoint(tmp_path, verify=False)
+    assert not all(torch.equal(unverified.weights[k], v) for k, v in weights().items())
+
+
+def test_flipped_bit_in_state_is_caught_unless_state_is_skipped(tmp_path):
+    folder = save_checkpoint(
+        tmp_path, "last", weights=weights(), meta={"epoch": 1}, state={"x": torch.ones(64)}
+    )
+    flip_bit(folder / "state.pt", offset_from_end=300)
+    with pytest.raises(CheckpointCorruptError, match="state.pt: checksum mismatch"):
+        load_checkpoint(tmp_path / "last")
+    assert load_checkpoint(tmp_path / "last", with_state=False).state == {}
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.update(epoch=2), "meta.json: checksum mismatch"),  # still valid JSON, one value changed
+        (lambda m: m.pop("meta_sha256"), r"required keys missing: \['meta_sha256'\]"),
+        (lambda m: m.update(fil3s=m.pop("files")), r"required keys missing: \['files'\]"),
+        (lambda m: m.pop("kind"), r"required keys missing: \['kind'\]"),
+    ],
+)
+def test_edited_meta_is_caught(tmp_path, edit, message):
+    folder = save_checkpoint(tmp_path, "last", weights=weights(), meta={"epoch": 1})
+    meta = json.loads((folder / "meta.json").read_text())
+    edit(meta)
+    (folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointCorruptError, match=message):
+        load_checkpoint(tmp_path / "last")
+
+
+def test_checkpoint_without_checksums_still_loads(tmp_path):
+    """The layout written before checksums existed: loaded as before, unverified."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "last-epoch001"
+    folder.mkdir()
+    save_file(weights(), str(folder / "model.safetensors"))
+    torch.save({"n": 3}, folder / "state.pt")
+    (folder / "meta.json").write_text(json.dumps({"kind": "last", "epoch": 1, "trickbag_version": "0.1.0"}))
+    loaded = load_checkpoint(folder)
+    assert torch.equal(loaded.weights["layer.weight"], weights()["layer.weight"]) and loaded.state == {"n": 3}
+
+
+def test_keep_two_and_checkpoint_folders_order(tmp_path):
+    for epoch in (1, 2, 3):
+        save_checkpoint(tmp_path, "last", weights=weights(epoch), meta={"epoch": epoch}, keep=2)
+    save_checkpoint(tmp_path, "last", weights=weights(4), meta={"epoch": 3}, keep=2)  # epoch 3 again
+    names = [p.name for p in checkpoint_folders(tmp_path, "last")]
+    assert names == ["last-epoch003-1", "last-epoch003"]
+    assert os.readlink(tmp_path / "last") == "last-epoch003-1"
+    with pytest.raises(ValueError, match="keep must be an int >= 1"):
+        save_checkpoint(tmp_path, "last", weights=weights(), meta={"epoch": 1}, keep=0)
+
+
+def test_find_good_checkpoint_falls_back_newest_first(tmp_path):
+    save_checkpoint(
+        tmp_path, "best_metric", weights=weights(10), meta={"epoch": 1}, value_name="acc", value=0.5
+    )
+    for epoch in (1, 2):
+        save_checkpoint(tmp_path, "last", weights=weights(epoch), meta={"epoch": epoch}, keep=2)
+    assert find_good_checkpoint(tmp_path) == ((tmp_path / "last-epoch002").resolve(), [])
+    flip_bit(tmp_path / "last-epoch002" / "model.safetensors")
+    found, problems = find_good_checkpoint(tmp_path)
+    assert found == (tmp_path / "last-epoch001").resolve()
+    assert len(problems) == 1 and "last-epoch002" in problems[0] and "checksum mismatch" in problems[0]
+    (tmp_path / "last-epoch001" / "meta.json").write_text("{")
+    found, problems = find_good_checkpoint(tmp_path)
+    assert found == (tmp_path / "best_metric-epoch001-acc=0.5000").resolve() and len(problems) == 2
+    assert torch.equal(load_checkpoint(found).weights["layer.weight"], weights(10)["layer.weight"])
+    flip_bit(found / "model.safetensors")
+    assert find_good_checkpoint(tmp_path)[0] is None
+    # A pointer whose folder vanished is reported too.
+    empty = tmp_path / "other"
+    empty.mkdir()
+    os.symlink("last-epoch009", empty / "last")
+    found, problems = find_good_checkpoint(empty)
+    assert found is None and problems == [f"{empty / 'last'}: points at last-epoch009, which does not exist"]
