@@ -38,18 +38,6 @@ def _number(text: str | None) -> float:
         return math.nan
 
 
-def per_class_f1(confusion: list[list[int]]) -> list[float]:
-    """F1 of each class from a confusion matrix (rows = true class, columns = predicted); 0 when undefined."""
-    scores = []
-    for k in range(len(confusion)):
-        true_positive = confusion[k][k]
-        predicted = sum(row[k] for row in confusion)
-        actual = sum(confusion[k])
-        denominator = predicted + actual
-        scores.append(2 * true_positive / denominator if denominator else 0.0)
-    return scores
-
-
 def planned_lr_curve(meta: dict[str, Any], rows: list[dict[str, float]]) -> list[float]:
     """The LR of every update of the epochs in ``rows``, replayed from the run's schedule ([] if unknown).
 
@@ -81,6 +69,9 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from trickbag.metrics.classification import per_class_scores
+    from trickbag.metrics.plots import draw_confusion_matrix
 
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
@@ -116,24 +107,14 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     confusion = meta.get("confusion_matrix")
     ax = axes[1][0]
     if confusion:
-        ax.imshow(confusion, cmap="Blues")
-        ax.set(
-            title=f"confusion matrix, best_metric epoch {meta.get('epoch')}",
-            xlabel="predicted",
-            ylabel="true",
-        )
-        ticks = list(range(len(classes)))
-        ax.set_xticks(ticks, classes, rotation=90, fontsize=7)
-        ax.set_yticks(ticks, classes, fontsize=7)
-        if len(classes) <= 20:
-            for i, row in enumerate(confusion):
-                for j, value in enumerate(row):
-                    ax.text(j, i, str(value), ha="center", va="center", fontsize=6)
+        title = f"confusion matrix, best_metric epoch {meta.get('epoch')}"
+        draw_confusion_matrix(ax, confusion, classes, title=title)
     else:
         ax.set_title("no best_metric checkpoint")
     ax = axes[1][1]
     if confusion:
-        ax.barh(classes, per_class_f1(confusion))
+        scores = per_class_scores(confusion, classes, zero_division=0.0)
+        ax.barh([row["class"] for row in scores], [row["f1"] for row in scores])
         ax.set(title="per-class F1 (best_metric)", xlim=(0, 1))
         ax.invert_yaxis()
     axes[1][2].axis("off")

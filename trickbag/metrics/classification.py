@@ -46,6 +46,7 @@ __all__ = [
     "recall",
     "f1_score",
     "roc_auc",
+    "per_class_scores",
     "ClassificationMetrics",
 ]
 
@@ -319,6 +320,47 @@ def roc_auc(
     )
 
 
+def per_class_scores(
+    confusion, class_names: Sequence[str] | None = None, zero_division: float | str = 0.0
+) -> list[dict]:
+    """Precision, recall and F1 of every class from a confusion matrix (sklearn's ``average=None``).
+
+    Args:
+        confusion: (C, C) non-negative counts, rows = true class, columns = predicted (a tensor, a NumPy array
+            or nested lists, e.g. the ``confusion_matrix`` a checkpoint's meta.json holds).
+        class_names: C names; default "0" .. "C-1".
+        zero_division: the value of a 0/0 score (0, 1 or nan); "warn" gives 0 and an UndefinedMetricWarning.
+    Returns:
+        C dicts in row order: ``class`` (name), ``support`` (true count), ``precision``, ``recall``, ``f1``.
+    """
+    cm = torch.as_tensor(confusion.tolist() if hasattr(confusion, "tolist") else confusion)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] == 0:
+        raise ValueError(f"confusion must be a non-empty square (C, C) matrix, got shape {tuple(cm.shape)}")
+    if cm.is_floating_point() or cm.dtype == torch.bool or bool((cm < 0).any()):
+        raise ValueError(f"confusion must hold non-negative integer counts, got dtype {cm.dtype}")
+    num_classes = cm.shape[0]
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(
+            f"class_names has {len(class_names)} names but confusion is {num_classes}x{num_classes}"
+        )
+    names = [str(c) for c in range(num_classes)] if class_names is None else list(class_names)
+    labels = torch.arange(num_classes)  # every class, also one never seen (a row of a table, not an average)
+    values = {
+        m: _prf_compute(cm, labels, None, zero_division, m).tolist() for m in ("precision", "recall", "f1")
+    }
+    support = cm.sum(dim=1).tolist()
+    return [
+        {
+            "class": names[c],
+            "support": int(support[c]),
+            "precision": values["precision"][c],
+            "recall": values["recall"][c],
+            "f1": values["f1"][c],
+        }
+        for c in range(num_classes)
+    ]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # streaming
 
@@ -458,19 +500,5 @@ class ClassificationMetrics:
 
     def per_class(self) -> list[dict]:
         """One dict per class: class (name), support, precision, recall, f1 (0/0 -> zero_division)."""
-        labels = torch.arange(self.num_classes, device=self._confusion.device)
         zero = 0 if self.zero_division == "warn" else self.zero_division  # a table row is not a warning
-        values = {
-            m: _prf_compute(self._confusion, labels, None, zero, m) for m in ("precision", "recall", "f1")
-        }
-        support = self._confusion.sum(dim=1).tolist()
-        return [
-            {
-                "class": self.class_names[c],
-                "support": int(support[c]),
-                "precision": float(values["precision"][c]),
-                "recall": float(values["recall"][c]),
-                "f1": float(values["f1"][c]),
-            }
-            for c in range(self.num_classes)
-        ]
+        return per_class_scores(self._confusion.cpu(), self.class_names, zero)
