@@ -36,11 +36,22 @@ def resolve_device(name: str):
 
 
 def load_datasets(cfg, log=print):
-    """(train, eval) ImageSets of the config's data section; skipped bad images are reported through ``log``."""
+    """(train, val, test) ImageSets of the config's data section, in their three roles.
+
+    * train: fitted on;
+    * val: chooses (best checkpoints, early stopping, plateau schedule): ``root/val_dir`` when that folder
+      exists, else a stratified ``data.val_fraction`` split of train drawn with ``data.split_seed`` (the same
+      split for every run seed, so runs of an ablation are chosen on the same images); None when the fraction
+      is 0 and there is no val folder;
+    * test: reported only, never used to choose anything: the digits test split, ``root/test_dir``, or
+      ``data.test_csv``; None when the data has none.
+
+    Skipped bad images are reported through ``log``.
+    """
     from trickbag import data
 
     section = cfg.data
-    test = None
+    val = test = None
     options = {
         "cache_dir": section.cache_dir,
         "skip_bad_images": section.skip_bad_images,
@@ -50,25 +61,30 @@ def load_datasets(cfg, log=print):
         train, test = data.load_digits()
     elif section.kind == "image_folder":
         if section.root is None:
-            raise ValueError("data.root is required for data.kind=image_folder")
+            raise ValueError(
+                "data.root is required for data.kind=image_folder (e.g. data.root=/data/cifar10)"
+            )
         root = Path(section.root)
         train = data.load_image_folder(root / section.train_dir, **options)
-        if section.val_fraction == 0 and (root / section.test_dir).is_dir():
+        if (root / section.val_dir).is_dir():
+            val = align_classes(data.load_image_folder(root / section.val_dir, **options), train.classes)
+        if (root / section.test_dir).is_dir():
             test = align_classes(data.load_image_folder(root / section.test_dir, **options), train.classes)
     else:
         if section.csv is None:
-            raise ValueError("data.csv is required for data.kind=csv")
+            raise ValueError("data.csv is required for data.kind=csv (e.g. data.csv=labels.csv)")
         train = data.load_csv(section.csv, root=section.root, **options)
-    for imageset in (train, test):
+        if section.test_csv is not None:
+            test = data.load_csv(section.test_csv, root=section.root, **options)
+            test = align_classes(test, train.classes)
+    for imageset in (train, val, test):
         if imageset is not None and imageset.skipped:
             log(
-                f"skipped {len(imageset.skipped)} unreadable images (data.skip_bad_images): {imageset.skipped}"
+                f"skipped {len(imageset.skipped)} unreadable images (data.skip_bad_images=true): {imageset.skipped}"
             )
-    if section.val_fraction > 0:
-        return data.split_validation(train, section.val_fraction, cfg.seed)
-    if test is None:
-        raise ValueError(f"data.kind={section.kind} has no test set here: set data.val_fraction (e.g. 0.1)")
-    return train, test
+    if val is None and section.val_fraction > 0:
+        train, val = data.split_validation(train, section.val_fraction, section.split_seed)
+    return train, val, test
 
 
 def align_classes(imageset, classes: list[str]):
@@ -123,7 +139,7 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
     from trickbag.metrics.advice import advise
     from trickbag.optim import optimizer_from_config
     from trickbag.precision import Precision
-    from trickbag.report import RunLogger
+    from trickbag.runlog import RunLogger
     from trickbag.schedules import scheduler_from_config
     from trickbag.train import Loaders, Parts
 
@@ -136,12 +152,13 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
         torch.use_deterministic_algorithms(True, warn_only=True)
     logger = RunLogger(run_dir, tensorboard=cfg.logging.tensorboard, quiet=quiet)
     device = resolve_device(cfg.device)
-    train_set, val_set = load_datasets(cfg, logger.info)
+    train_set, val_set, test_set = load_datasets(cfg, logger.info)
     classes, num_classes = list(train_set.classes), len(train_set.classes)
     counts = torch.bincount(train_set.labels, minlength=num_classes)
     advice = advise(train_set.labels, class_names=classes)
     if cfg.eval.best_metric == "auto":
         cfg.eval.best_metric = advice.best_metric
+    top_k = requested_top_k(cfg, num_classes)  # before any training: a bad name fails now, not after an epoch
     if advice.recommend_class_weights and cfg.loss.class_weights == "none":
         logger.info(
             f"class imbalance {advice.imbalance_ratio:.1f}:1 - consider loss.class_weights=effective_number"
@@ -161,9 +178,13 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
         flip=cfg.data.flip,
         **common,
     )
-    val_loader = data.BatchLoader.for_eval(
-        val_set.images, val_set.labels, batch_size=max(cfg.batch_size, 256), **common
-    )
+    # Evaluation has no backward pass: larger batches cost no more memory than a training step.
+    eval_batch = max(cfg.batch_size, 256)
+    val_loader, test_loader = (
+        None if imageset is None
+        else data.BatchLoader.for_eval(imageset.images, imageset.labels, batch_size=eval_batch, **common)
+        for imageset in (val_set, test_set)
+    )  # fmt: skip
     optimizer = optimizer_from_config(model, cfg.optimizer, cfg.effective_batch_size)
     updates_per_epoch = math.ceil(len(train_loader) / cfg.accumulate)
     scheduler = scheduler_from_config(
@@ -208,31 +229,38 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
     }
     (run_dir / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
     logger.info(
-        f"run {run_dir}: {len(train_set)} train / {len(val_set)} eval images, {num_classes} classes, "
-        f"model {cfg.model.name}, device {device}, best metric {cfg.eval.best_metric}"
+        f"run {run_dir}: {len(train_set)} train / {_count(val_set)} val / {_count(test_set)} test images, "
+        f"{num_classes} classes, model {cfg.model.name}, device {device}, best metric {cfg.eval.best_metric} "
+        "(chosen on val, reported on test)"
     )
+    if val_set is None:
+        logger.info(
+            "no validation set (data.val_fraction=0 and no val folder): only `last` is kept, nothing is chosen"
+        )
+    if test_set is None:
+        logger.info("no test set (no test folder / data.test_csv): the run reports validation scores only")
     parts = Parts(
         loss_fn=loss_fn,
         optimizer=optimizer,
         scheduler=scheduler,
         precision=Precision(cfg.precision, device),
-        metrics=ClassificationMetrics(num_classes, class_names=classes, zero_division=0.0),
+        metrics=ClassificationMetrics(num_classes, class_names=classes, top_k=top_k, zero_division=0.0),
         mixer=mixer,
         ema=ema,
         teacher=teacher,
         checkpointer=Checkpointer(run_dir, meta),
         logger=logger,
     )
-    return Run(cfg, run_dir, model, Loaders(train_loader, val_loader), parts, classes)
+    return Run(cfg, run_dir, model, Loaders(train_loader, val_loader, test_loader), parts, classes)
 
 
 def loss_from_config(cfg, num_classes: int, weight=None):
     """The run's loss function (class ``weight`` (C,) or None) from its ``loss`` section."""
     import torch
 
-    from trickbag.train import make_loss
+    from trickbag.losses import ClassifierLoss
 
-    return make_loss(
+    return ClassifierLoss(
         cfg.loss.kind,
         num_classes=num_classes,
         label_smoothing=cfg.loss.label_smoothing,
@@ -274,3 +302,133 @@ def load_model(checkpoint: str | Path, device):
             f"({detail}); was it written by another trickbag version? Set the differing model.options explicitly."
         ) from error
     return model.eval(), ckpt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# From the config to fit()'s options, and the end of a run: test scores of the kept checkpoints
+
+
+# What trickbag.train.evaluate returns with ClassificationMetrics (top-k accuracies only when asked for).
+SCORE_NAMES = ("loss", "accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall",
+               "balanced_accuracy", "auroc")  # fmt: skip
+
+
+def score_name(config_name: str) -> str:
+    """A config's metric name as evaluate() reports it: ``val_loss`` (the config's spelling) is ``loss``."""
+    return "loss" if config_name == "val_loss" else config_name
+
+
+def requested_top_k(cfg, num_classes: int) -> tuple[int, ...]:
+    """The k of every ``topK_accuracy`` the config monitors; a name the run cannot compute is a ValueError.
+
+    Checked before training, so a typo or a top-5 on 3 classes fails at once with the names that do work.
+    """
+    import re
+
+    wanted = {"eval.best_metric": cfg.eval.best_metric}
+    if cfg.early_stopping.enabled and cfg.early_stopping.monitor != "best_metric":
+        wanted["early_stopping.monitor"] = cfg.early_stopping.monitor
+    ks, problems = set(), []
+    for key, name in wanted.items():
+        match = re.fullmatch(r"top([0-9]+)_accuracy", name)
+        if match is None:
+            if score_name(name) not in SCORE_NAMES:
+                problems.append(f"{key}={name}")
+            continue
+        k = int(match.group(1))
+        if 1 < k < num_classes:
+            ks.add(k)
+        else:
+            problems.append(f"{key}={name} (needs 1 < k < {num_classes} classes)")
+    if problems:
+        available = ", ".join(["val_loss", *SCORE_NAMES[1:], f"topK_accuracy for 1 < K < {num_classes}"])
+        raise ValueError(f"{'; '.join(problems)}: this run cannot compute it; available: {available}")
+    return tuple(sorted(ks))
+
+
+def fit_options(cfg):
+    """``trickbag.train.FitOptions`` from a validated config whose ``eval.best_metric`` is resolved."""
+    from trickbag.train import EarlyStopping, FitOptions
+
+    if cfg.eval.best_metric == "auto":
+        raise ValueError("resolve eval.best_metric first (build_run does it from the training labels)")
+    stop = cfg.early_stopping
+    early = None
+    if stop.enabled:
+        monitor = stop.monitor if stop.monitor == "best_metric" else score_name(stop.monitor)
+        early = EarlyStopping(
+            patience=stop.patience, monitor=monitor, min_delta=stop.min_delta, mode=stop.mode
+        )
+    plateau_watches = "best_metric" if getattr(cfg.schedule, "mode", "min") == "max" else "loss"
+    return FitOptions(
+        epochs=cfg.epochs,
+        accumulate=cfg.accumulate,
+        clip_grad_norm=cfg.train.clip_grad_norm,
+        nan_policy=cfg.train.nan_policy,
+        log_every=cfg.train.log_every,
+        eval_every_epochs=cfg.train.eval_every_epochs,
+        flip_tta=cfg.eval.flip_tta,
+        best_metric=score_name(cfg.eval.best_metric),
+        best_mode=cfg.eval.mode,
+        early_stopping=early,
+        plateau_watches=plateau_watches if cfg.schedule.kind == "plateau" else "loss",
+        distill_alpha=cfg.distill.alpha,
+        distill_temperature=cfg.distill.temperature,
+    )
+
+
+RESULTS_FILE = "results.json"
+
+
+def finish_run(run: Run, state) -> dict[str, Any]:
+    """Evaluate each kept checkpoint (best_metric, best_loss, last) once on test; write ``results.json``.
+
+    Val scores come from the epoch rows (they chose the checkpoints); test scores are computed here, once per
+    distinct checkpoint, and choose nothing. Returns the results dict (also written to ``run_dir/results.json``).
+    """
+    import copy
+    import json
+
+    from trickbag.checkpoint import atomic_write_bytes, load_checkpoint
+    from trickbag.train import evaluate
+
+    parts, loaders = run.parts, run.loaders
+    current = parts.ema.module if parts.ema is not None else run.model  # what `last` evaluates, as val did
+    epochs = {"best_metric": state.best_metric_epoch, "best_loss": state.best_loss_epoch, "last": state.epoch}
+    checkpoints: dict[str, Any] = {}
+    tested: dict[int, dict[str, float]] = {}  # epoch -> test scores: the same weights are tested once
+    for kind, epoch in epochs.items():
+        path = parts.checkpointer.latest(kind) if parts.checkpointer is not None else None
+        if path is None or epoch == 0:
+            continue
+        row = state.history[epoch - 1] if 0 < epoch <= len(state.history) else {}
+        entry = {"epoch": epoch, "path": str(path),
+                 "val": {key[4:]: value for key, value in row.items() if key.startswith("val_")}}  # fmt: skip
+        if loaders.test is not None:
+            # A best checkpoint of the final epoch holds the weights `last` evaluates: test them once.
+            if epoch not in tested:
+                model = current
+                if epoch != state.epoch:
+                    model = copy.deepcopy(current)
+                    model.load_state_dict(load_checkpoint(path, with_state=False).weights)
+                tested[epoch] = evaluate(model, loaders.test, parts.loss_fn, parts.metrics,
+                                         precision=parts.precision, flip_tta=run.cfg.eval.flip_tta)  # fmt: skip
+            entry["test"] = tested[epoch]
+        checkpoints[kind] = entry
+    results = {
+        "status": "finished",
+        "stopped_early": state.stopped_early,
+        "epochs": state.epoch,
+        "best_metric": score_name(run.cfg.eval.best_metric),
+        "selection": "val" if loaders.val is not None else "none (no validation set: last only)",
+        "train_time_s": round(state.train_time_s, 3),
+        "images_per_s": round(state.images / max(state.train_time_s, 1e-9), 1),
+        "skipped_updates": state.skipped_updates,
+        "checkpoints": checkpoints,
+    }
+    atomic_write_bytes(run.run_dir / RESULTS_FILE, json.dumps(results, indent=2).encode("utf-8"))
+    return results
+
+
+def _count(imageset) -> int:
+    return 0 if imageset is None else len(imageset)

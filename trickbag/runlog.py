@@ -17,7 +17,8 @@ from trickbag.checkpoint import atomic_write_bytes
 
 METRICS_FILE = "metrics.csv"
 LOG_FILE = "train.log"
-CONSOLE_KEYS = ("train_loss", "val_loss", "accuracy", "macro_f1", "balanced_accuracy", "lr")
+LR_FILE = "lr.csv"
+CONSOLE_KEYS = ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_balanced_accuracy", "lr")
 
 
 class RunLogger:
@@ -67,6 +68,12 @@ class RunLogger:
                 if key != "epoch" and isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, row["epoch"])
             self.writer.flush()
+
+    def lr_trace(self, lrs: list[float]) -> None:
+        """Rewrite ``lr.csv``: the LR (param group 0) each optimizer update really used, for `trickbag report`."""
+        if self.run_dir is not None:
+            text = "update,lr\n" + "".join(f"{index + 1},{lr!r}\n" for index, lr in enumerate(lrs))
+            atomic_write_bytes(self.run_dir / LR_FILE, text.encode("utf-8"))
 
     def close(self) -> None:
         if self.writer is not None:

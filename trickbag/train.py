@@ -1,13 +1,25 @@
-"""The training loop: ``fit(model, loaders, parts, cfg)``.
+"""The training loop: ``fit(model, loaders, parts, options)``.
 
 One readable loop, no base class and no hooks. ``parts`` is a plain dataclass holding the pieces the loop
-composes (loss, optimizer, scheduler, precision, mixer, EMA, teacher, metrics, checkpointer, logger); build them
-yourself or with ``trickbag.run.build_run`` from a config. The step is the seed's
+composes (loss, optimizer, scheduler, precision, mixer, EMA, teacher, metrics, checkpointer, logger) and
+``options`` a small plain dataclass (epochs, accumulation, clipping, evaluation and early-stopping settings).
+Build them yourself, or with ``trickbag.run.build_run`` from a YAML config. The step is the seed's
 zero_grad -> forward -> loss -> backward -> step, plus gradient accumulation, autocast, clipping and EMA.
 
-Calling contract of the parts: ``scheduler.step()`` once per *real* optimizer update (not when the fp16 scaler
-skipped it), ``scheduler.observe(value)`` after each evaluation; ``precision.step(...)`` returns False on a
-skipped step.
+Numbers that do not depend on how the data is batched:
+
+* every reported loss is the dataset-level quantity ``sum_i w_i l_i / sum_i w_i`` (``w_i = 1`` without class
+  weights), the same for any batch size and the same in training-time evaluation and ``trickbag eval``;
+* ``accumulate`` micro-batches give the gradient of their union in one batch: each micro-batch back-propagates
+  its weighted *sum* divided by a constant, and the gradients are rescaled by ``constant / sum of weights`` once
+  the group is complete (a no-op without class weights when the micro-batches have equal sizes);
+* ``nan_policy="skip"`` drops a non-finite micro-batch from its group (the others are still averaged exactly);
+  a group whose micro-batches were all dropped does not step the optimizer, the schedule or the EMA.
+
+Calling contract of the parts: ``scheduler.step()`` once per optimizer update, *including* an update the fp16
+GradScaler skipped for inf/NaN gradients (as torch's and timm's loops do: the schedule keeps the run's clock,
+so cosine and linear decays reach their end value; see the README), ``scheduler.observe(value)`` after each
+evaluation; ``precision.step(...)`` returns False on a skipped step, and the EMA is then not updated.
 """
 
 from __future__ import annotations
@@ -20,13 +32,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trickbag.checkpoint import capture_rng_state, restore_rng_state
-from trickbag.report import Progress, RunLogger
+from trickbag.progress import Progress
+from trickbag.runlog import RunLogger
 
-LOSS_MONITOR = "val_loss"
+LOSS = "loss"  # key of the loss in evaluate()'s result; per-epoch rows prefix every score with "val_"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -36,14 +48,15 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class Loaders:
     train: Any  # iterable of (x, y) with len(), set_epoch(), state_dict() (trickbag.data.BatchLoader)
-    val: Any | None = None  # evaluation batches (x, y); None: no evaluation, only `last` checkpoints
+    val: Any | None = None  # selection batches (x, y); None: no evaluation, only `last` checkpoints
+    test: Any | None = None  # reported only, never used to choose anything (evaluated after fit)
 
 
 @dataclass
 class Parts:
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, int or soft target) -> scalar
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, int or soft target) -> mean
     optimizer: torch.optim.Optimizer
-    scheduler: Any  # trickbag.schedules: step() per update, observe(metric), get_last_lr()
+    scheduler: Any  # trickbag.schedules.Scheduler: step() per update, observe(metric), get_last_lr()
     precision: Any  # trickbag.precision.Precision
     metrics: Any | None = None  # trickbag.metrics.ClassificationMetrics
     mixer: Any | None = None  # trickbag.mixing.BatchMixer
@@ -51,6 +64,56 @@ class Parts:
     teacher: nn.Module | None = None
     checkpointer: Any | None = None  # trickbag.checkpoint.Checkpointer
     logger: RunLogger = field(default_factory=RunLogger)
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after ``patience`` evaluations whose ``monitor`` did not improve by more than ``min_delta``."""
+
+    patience: int = 5
+    monitor: str = "best_metric"  # "best_metric" (FitOptions.best_metric), "loss" or a metric name
+    min_delta: float = 0.0
+    mode: str = "auto"  # "auto": "min" for losses, "max" for metrics
+
+
+@dataclass
+class FitOptions:
+    """Everything ``fit`` needs besides the parts, as plain values (``trickbag.run.fit_options`` maps a config).
+
+    ``best_metric`` names a key of ``evaluate()``'s result (``"loss"``, ``"accuracy"``, ``"macro_f1"``, ...):
+    the ``best_metric`` checkpoint and, by default, early stopping follow it on the validation set.
+    """
+
+    epochs: int
+    accumulate: int = 1
+    clip_grad_norm: float | None = None
+    nan_policy: str = "stop"  # "stop": raise NonFiniteLossError; "skip": drop that micro-batch
+    log_every: int = 50  # optimizer updates between running-loss log lines
+    eval_every_epochs: int = 1  # the last epoch is always evaluated
+    flip_tta: bool = False
+    best_metric: str = "accuracy"
+    best_mode: str = "auto"
+    early_stopping: EarlyStopping | None = None
+    plateau_watches: str = "loss"  # what a plateau schedule observes: "loss" or "best_metric"
+    distill_alpha: float = 0.5  # weight of the distillation term when parts.teacher is set
+    distill_temperature: float = 4.0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "accumulate", "log_every", "eval_every_epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"FitOptions.{name}={value!r} must be an int >= 1")
+        if self.nan_policy not in ("stop", "skip"):
+            raise ValueError(f"FitOptions.nan_policy={self.nan_policy!r} not in ('stop', 'skip')")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(f"FitOptions.clip_grad_norm={self.clip_grad_norm!r} must be > 0 or None")
+        if self.plateau_watches not in ("loss", "best_metric"):
+            raise ValueError(
+                f"FitOptions.plateau_watches={self.plateau_watches!r} not in ('loss', 'best_metric')"
+            )
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ValueError(f"FitOptions.distill_alpha={self.distill_alpha!r} must be in [0, 1]")
+        resolve_mode(self.best_mode, self.best_metric)  # checks the mode name
 
 
 @dataclass
@@ -66,7 +129,11 @@ class TrainState:
     stale_evaluations: int = 0  # early stopping: evaluations without improvement
     early_stop_best: float | None = None
     stopped_early: bool = False
+    skipped_updates: int = 0  # groups whose micro-batches were all non-finite (nan_policy=skip)
+    train_time_s: float = 0.0  # training + evaluation time of the completed epochs
+    images: int = 0  # training images seen in the completed epochs
     history: list[dict[str, Any]] = field(default_factory=list)
+    lr_trace: list[float] = field(default_factory=list)  # LR (param group 0) used by each optimizer update
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -81,7 +148,7 @@ def accumulation_step(index: int, num_batches: int, accumulate: int) -> tuple[bo
 
     Returns:
         (first, last, size): zero the gradients before it, step the optimizer after it, and the number of
-        micro-batches in its group (divide the loss by this).
+        micro-batches in its group.
     """
     if not 0 <= index < num_batches:
         raise ValueError(f"index={index} must be in [0, {num_batches})")
@@ -105,9 +172,27 @@ def is_improvement(value: float, best: float | None, mode: str, min_delta: float
 
 def resolve_mode(mode: str, monitor: str) -> str:
     """ "auto" -> "min" for losses, "max" for metrics."""
+    if mode not in ("auto", "min", "max"):
+        raise ValueError(f"mode={mode!r} not in ('auto', 'min', 'max')")
     if mode != "auto":
         return mode
     return "min" if "loss" in monitor else "max"
+
+
+def loss_sums(loss_fn, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | int]:
+    """(sum_i w_i l_i, sum_i w_i) of a batch: ``loss_fn.sums`` when it has one, else mean x N and N.
+
+    A plain callable returning the batch mean is treated as unweighted (w_i = 1), which is exact for it.
+    """
+    if hasattr(loss_fn, "sums"):
+        return loss_fn.sums(logits, target)
+    count = int(target.shape[0])
+    return loss_fn(logits, target) * count, count
+
+
+def is_weighted(loss_fn) -> bool:
+    """Whether the per-sample weights of ``loss_fn`` may differ from 1 (class weights)."""
+    return hasattr(loss_fn, "sums") and getattr(loss_fn, "weight", None) is not None
 
 
 def flip_tta_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -124,27 +209,31 @@ def flip_tta_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def evaluate(
     model, loader, loss_fn, metrics=None, *, precision=None, flip_tta: bool = False
 ) -> dict[str, float]:
-    """Mean loss and metrics of ``model`` on ``loader`` (eval mode, no gradients, optional flip TTA).
+    """Dataset-level loss and metrics of ``model`` on ``loader`` (eval mode, no gradients, optional flip TTA).
+
+    The loss is ``sum_i w_i l_i / sum_i w_i`` over the whole set (accumulated in float64), so it does not
+    depend on the batch size or on the order of the samples.
 
     Returns:
-        {"val_loss": float, **metrics.compute()} (numeric metrics only).
+        {"loss": float, **metrics.compute()} (numeric metrics only); loss is nan for an empty loader.
     """
     was_training = model.training
     model.eval()
     if metrics is not None:
         metrics.reset()
-    total, count = None, 0
+    numerator, denominator, seen = 0.0, 0.0, 0
     for x, y in loader:
         with precision.autocast() if precision is not None else contextlib.nullcontext():
             logits = flip_tta_logits(model, x) if flip_tta else model(x).float()
-        batch_loss = loss_fn(logits, y).detach() * len(y)
-        total = batch_loss if total is None else total + batch_loss
-        count += len(y)
+        batch_sum, batch_weight = loss_sums(loss_fn, logits.float(), y)
+        numerator = numerator + batch_sum.double()
+        denominator = denominator + (batch_weight.double() if torch.is_tensor(batch_weight) else batch_weight)
+        seen += len(y)
         if metrics is not None:
             metrics.update(logits.softmax(1), y)  # probabilities: AUROC ranks them, not raw logits
     model.train(was_training)
-    result = {LOSS_MONITOR: float(total.item() / max(count, 1)) if total is not None else math.nan}
-    if metrics is not None:
+    result = {LOSS: float(numerator / denominator) if seen else math.nan}
+    if metrics is not None and seen:
         for key, value in metrics.compute().items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 result[key] = float(value)
@@ -169,37 +258,51 @@ def predict_probabilities(model, loader, *, precision=None, flip_tta: bool = Fal
 # The loop
 
 
-def training_loss(model, x, y, parts: Parts, cfg) -> torch.Tensor:
-    """Forward + loss of one micro-batch (mixing, autocast and distillation included)."""
+def training_loss_sums(model, x, y, parts: Parts, options: FitOptions):
+    """Forward + (weighted loss sum, weight sum) of one micro-batch; mixing, autocast, distillation included.
+
+    With a teacher the objective is ``(1 - a) * loss + a * KD`` per sample; the KD term is weighted like the
+    sample's loss (exact without class weights, and with them when the batch's weights are uniform).
+    """
     if parts.mixer is not None:
         x, y = parts.mixer(x, y)
     with parts.precision.autocast():
         logits = model(x)
-        loss = parts.loss_fn(logits, y)
+        total, weight = loss_sums(parts.loss_fn, logits, y)
         if parts.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = parts.teacher(x)
             from trickbag.losses import distillation_loss
 
-            alpha = cfg.distill.alpha
-            kd = distillation_loss(logits, teacher_logits, temperature=cfg.distill.temperature, alpha=1.0)
-            loss = (1.0 - alpha) * loss + alpha * kd
-    return loss
+            with torch.no_grad():
+                teacher_logits = parts.teacher(x)
+            kd = distillation_loss(logits, teacher_logits, temperature=options.distill_temperature, alpha=1.0)
+            alpha = options.distill_alpha
+            total = (1.0 - alpha) * total + alpha * kd * weight
+    return total, weight
 
 
-def fit(model: nn.Module, loaders: Loaders, parts: Parts, cfg, state: TrainState | None = None) -> TrainState:
-    """Train ``model`` for ``cfg.epochs`` epochs (continuing from ``state`` when resuming); returns the state.
+def fit(
+    model: nn.Module, loaders: Loaders, parts: Parts, options: FitOptions, state: TrainState | None = None
+) -> TrainState:
+    """Train ``model`` for ``options.epochs`` epochs (continuing from ``state`` when resuming); returns the state.
 
-    ``cfg`` is a ``trickbag.config.Config`` whose ``eval.best_metric`` is already resolved (not "auto").
+    A state that stopped early returns at once (nothing more to train); see ``trickbag resume ... epochs=N``.
     """
+    if not isinstance(options, FitOptions):
+        raise TypeError(
+            f"options must be a trickbag.train.FitOptions, got {type(options).__name__} "
+            "(from a config: trickbag.run.fit_options(cfg))"
+        )
     state = state or TrainState()
     log = parts.logger
     num_batches = len(loaders.train)
     if num_batches == 0:
         raise ValueError("the training loader yields no batches; lower batch_size or add data")
+    if state.stopped_early or state.epoch >= options.epochs:
+        return state
     params = [p for p in model.parameters() if p.requires_grad]
-    progress = Progress(log, total=num_batches * (cfg.epochs - state.epoch))
-    for epoch in range(state.epoch, cfg.epochs):
+    weighted = is_weighted(parts.loss_fn)
+    progress = Progress(log, total=num_batches * (options.epochs - state.epoch))
+    for epoch in range(state.epoch, options.epochs):
         started = time.perf_counter()
         model.train()
         loaders.train.set_epoch(epoch)
@@ -207,28 +310,39 @@ def fit(model: nn.Module, loaders: Loaders, parts: Parts, cfg, state: TrainState
             parts.mixer.set_epoch(epoch)
         window, losses, images, skipped = [], [], 0, 0
         for index, (x, y) in enumerate(loaders.train):
-            first, last, group_size = accumulation_step(index, num_batches, cfg.accumulate)
+            first, last, group_size = accumulation_step(index, num_batches, options.accumulate)
             if first:
                 parts.optimizer.zero_grad(set_to_none=True)
-            loss = training_loss(model, x, y, parts, cfg)
+                # Any constant works (the gradients are rescaled below); this one makes the rescale a no-op
+                # for unweighted micro-batches of equal size, the common case.
+                scale, kept_weight, kept_samples = float(len(x) * group_size), 0.0, 0
+            total, weight = training_loss_sums(model, x, y, parts, options)
             # nan_policy=skip must look at every loss (one host sync per step); "stop" checks once per log window.
-            if cfg.train.nan_policy == "skip" and not torch.isfinite(loss):
+            if options.nan_policy == "skip" and not torch.isfinite(total):
                 skipped += 1
             else:
-                parts.precision.backward(loss / group_size if group_size > 1 else loss)
-                window.append(loss.detach())
+                parts.precision.backward(total / scale)
+                kept_weight = kept_weight + (weight.detach().float() if torch.is_tensor(weight) else weight)
+                kept_samples += len(x)
+                window.append(total.detach() / weight)
             images += len(x)
             if last:
-                clip = cfg.train.clip_grad_norm
-                if parts.precision.step(parts.optimizer, clip_grad_norm=clip, parameters=params):
-                    parts.scheduler.step()  # only real updates advance the schedule (fp16 may skip one)
-                    if parts.ema is not None:
+                if kept_samples == 0:  # every micro-batch of the group was non-finite: no update at all
+                    state.skipped_updates += 1
+                else:
+                    _normalise_gradients(params, scale, kept_weight if weighted else kept_samples)
+                    stepped = parts.precision.step(
+                        parts.optimizer, clip_grad_norm=options.clip_grad_norm, parameters=params
+                    )
+                    state.lr_trace.append(parts.scheduler.get_last_lr()[0])
+                    parts.scheduler.step()  # also after an fp16-skipped update: the schedule keeps the clock
+                    if stepped and parts.ema is not None:
                         parts.ema.update(model)
-                state.updates += 1
-                if state.updates % cfg.train.log_every == 0 or index == num_batches - 1:
+                    state.updates += 1
+                if state.updates % options.log_every == 0 or index == num_batches - 1:
                     running = _check_window(window, epoch, state.updates, parts, progress)
                     losses += [running] * len(window)
-                    if state.updates % cfg.train.log_every == 0:
+                    if window and state.updates % options.log_every == 0:
                         log.info(
                             f"epoch {epoch + 1} update {state.updates}: loss {running:.4f} lr {progress.lr}"
                         )
@@ -240,48 +354,72 @@ def fit(model: nn.Module, loaders: Loaders, parts: Parts, cfg, state: TrainState
             )
         row = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses) if losses else math.nan}
         if loaders.val is not None and (
-            (epoch + 1) % cfg.train.eval_every_epochs == 0 or epoch + 1 == cfg.epochs
+            (epoch + 1) % options.eval_every_epochs == 0 or epoch + 1 == options.epochs
         ):
-            row.update(_evaluate_epoch(model, loaders, parts, cfg, state, epoch + 1, progress))
+            scores = _evaluate_epoch(model, loaders, parts, options, state, epoch + 1, progress)
+            row.update({f"val_{key}": value for key, value in scores.items()})
         row.update(lr=parts.scheduler.get_last_lr()[0], time_s=round(time.perf_counter() - started, 3))
         row["images_per_s"] = round(images / max(row["time_s"], 1e-9), 1)
         state.history.append(row)
         state.epoch = epoch + 1
+        state.train_time_s += row["time_s"]
+        state.images += images
         log.epoch(row, state.history)
+        if hasattr(log, "lr_trace"):
+            log.lr_trace(state.lr_trace)
         if parts.checkpointer is not None:
             parts.checkpointer.save(
                 "last", model, state=training_state(model, loaders, parts, state), epoch=epoch + 1
             )
         if state.stopped_early:
             log.info(
-                f"early stopping after epoch {epoch + 1}: {cfg.early_stopping.patience} evaluations without improvement"
+                f"early stopping after epoch {epoch + 1}: {options.early_stopping.patience} evaluations "
+                "without improvement"
             )
             break
     progress.close()
     return state
 
 
-def _evaluate_epoch(model, loaders: Loaders, parts: Parts, cfg, state: TrainState, epoch: int, progress):
-    """Evaluate (EMA weights if any), feed the plateau schedule, save best checkpoints, track early stopping."""
+def _normalise_gradients(params: list[torch.Tensor], scale: float, weight) -> None:
+    """Turn the accumulated gradient of ``sum(w_i l_i) / scale`` into that of ``sum(w_i l_i) / sum(w_i)``."""
+    if not torch.is_tensor(weight) and scale == weight:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    if torch.is_tensor(weight):  # class weights: stays on the device, no host sync
+        factor = (scale / weight.clamp_min(torch.finfo(torch.float32).tiny)).to(grads[0].device)
+        torch._foreach_mul_(grads, factor)
+    else:
+        torch._foreach_mul_(grads, scale / weight)
+
+
+def _evaluate_epoch(model, loaders: Loaders, parts: Parts, options: FitOptions, state, epoch: int, progress):
+    """Evaluate on val (EMA weights if any), feed the plateau schedule, save best checkpoints, early stopping."""
     eval_model = parts.ema.module if parts.ema is not None else model
     scores = evaluate(eval_model, loaders.val, parts.loss_fn, parts.metrics, precision=parts.precision,
-                      flip_tta=cfg.eval.flip_tta)  # fmt: skip
-    if not math.isfinite(scores[LOSS_MONITOR]):
+                      flip_tta=options.flip_tta)  # fmt: skip
+    if not math.isfinite(scores[LOSS]):
         progress.close()
         raise NonFiniteLossError(
-            f"validation loss is {scores[LOSS_MONITOR]} after epoch {epoch} (update {state.updates}): the weights "
+            f"validation loss is {scores[LOSS]} after epoch {epoch} (update {state.updates}): the weights "
             f"diverged; stopped. {_last_good(parts)}"
         )
-    metric_name = cfg.eval.best_metric
-    if hasattr(parts.scheduler, "observe"):  # plateau: mode "min" watches the loss, "max" the metric
-        watch_metric = getattr(cfg.schedule, "mode", "min") == "max"
-        parts.scheduler.observe(scores[metric_name] if watch_metric else scores[LOSS_MONITOR])
+    metric_name = options.best_metric
+    if metric_name not in scores:
+        raise ValueError(f"best_metric={metric_name!r} is not among the computed scores {sorted(scores)}")
+    if hasattr(parts.scheduler, "observe"):  # plateau: the loss, or the best metric
+        parts.scheduler.observe(
+            scores[metric_name] if options.plateau_watches == "best_metric" else scores[LOSS]
+        )
     _save_bests(
-        eval_model, parts, state, epoch, scores, metric_name, resolve_mode(cfg.eval.mode, metric_name)
+        eval_model, parts, state, epoch, scores, metric_name, resolve_mode(options.best_mode, metric_name)
     )
-    stop_cfg = cfg.early_stopping
-    monitor = metric_name if stop_cfg.monitor == "best_metric" else stop_cfg.monitor
-    _early_stopping(state, scores, monitor, resolve_mode(stop_cfg.mode, monitor), stop_cfg)
+    stop = options.early_stopping
+    if stop is not None:
+        monitor = metric_name if stop.monitor == "best_metric" else stop.monitor
+        _early_stopping(state, scores, monitor, resolve_mode(stop.mode, monitor), stop)
     return scores
 
 
@@ -312,46 +450,27 @@ def _last_good(parts: Parts) -> str:
 def _save_bests(
     model, parts: Parts, state: TrainState, epoch: int, scores, metric_name: str, mode: str
 ) -> None:
-    if metric_name not in scores:
-        raise ValueError(
-            f"eval.best_metric={metric_name!r} is not among the computed metrics {sorted(scores)}"
-        )
-    if is_improvement(scores[LOSS_MONITOR], state.best_loss, "min"):
-        state.best_loss, state.best_loss_epoch = scores[LOSS_MONITOR], epoch
+    val_scores = {f"val_{key}": value for key, value in scores.items()}
+    if is_improvement(scores[LOSS], state.best_loss, "min"):
+        state.best_loss, state.best_loss_epoch = scores[LOSS], epoch
         if parts.checkpointer is not None:
-            parts.checkpointer.save(
-                "best_loss",
-                model,
-                epoch=epoch,
-                value_name=LOSS_MONITOR,
-                value=scores[LOSS_MONITOR],
-                scores=scores,
-                metrics=parts.metrics,
-            )
+            parts.checkpointer.save("best_loss", model, epoch=epoch, value_name="val_loss", value=scores[LOSS],
+                                    scores=val_scores, metrics=parts.metrics)  # fmt: skip
     if is_improvement(scores[metric_name], state.best_metric, mode):
         state.best_metric, state.best_metric_epoch = scores[metric_name], epoch
         if parts.checkpointer is not None:
-            parts.checkpointer.save(
-                "best_metric",
-                model,
-                epoch=epoch,
-                value_name=metric_name,
-                value=scores[metric_name],
-                scores=scores,
-                metrics=parts.metrics,
-            )
+            parts.checkpointer.save("best_metric", model, epoch=epoch, value_name=f"val_{metric_name}",
+                                    value=scores[metric_name], scores=val_scores, metrics=parts.metrics)  # fmt: skip
 
 
-def _early_stopping(state: TrainState, scores, monitor: str, mode: str, stop_cfg) -> None:
-    if not stop_cfg.enabled:
-        return
+def _early_stopping(state: TrainState, scores, monitor: str, mode: str, stop: EarlyStopping) -> None:
     if monitor not in scores:
-        raise ValueError(f"early_stopping.monitor={monitor!r} is not among {sorted(scores)}")
-    if is_improvement(scores[monitor], state.early_stop_best, mode, stop_cfg.min_delta):
+        raise ValueError(f"early stopping monitor={monitor!r} is not among {sorted(scores)}")
+    if is_improvement(scores[monitor], state.early_stop_best, mode, stop.min_delta):
         state.early_stop_best, state.stale_evaluations = scores[monitor], 0
     else:
         state.stale_evaluations += 1
-        state.stopped_early = state.stale_evaluations >= stop_cfg.patience
+        state.stopped_early = state.stale_evaluations >= stop.patience
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,36 +505,12 @@ def restore_training_state(saved: dict[str, Any], loaders: Loaders, parts: Parts
     if parts.ema is not None and "ema" in saved:
         parts.ema.load_state_dict(saved["ema"])
     restore_rng_state(saved["rng"])
-    return TrainState(**saved["progress"])
+    known = TrainState.__dataclass_fields__
+    return TrainState(**{key: value for key, value in saved["progress"].items() if key in known})
 
 
-def make_loss(
-    kind: str = "ce",
-    *,
-    num_classes: int,
-    label_smoothing: float = 0.0,
-    smoothing_style: str = "uniform",
-    focal_gamma: float = 2.0,
-    weight: torch.Tensor | None = None,
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """A ``loss(logits, target)`` accepting (N,) int64 or (N, C) soft targets, using trickbag.losses."""
-    from trickbag import losses
+def make_loss(kind: str = "ce", **options) -> nn.Module:
+    """Deprecated alias of ``trickbag.losses.ClassifierLoss(kind, ...)`` (kept for code written against 0.x)."""
+    from trickbag.losses import ClassifierLoss
 
-    if kind not in ("ce", "focal"):
-        raise ValueError(f"loss kind={kind!r} not in ('ce', 'focal')")
-
-    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        w = None if weight is None else weight.to(logits.device)
-        if (
-            not target.is_floating_point()
-            and label_smoothing
-            and (kind == "focal" or smoothing_style != "uniform")
-        ):
-            target = losses.smooth_labels(target, num_classes, label_smoothing, style=smoothing_style)
-        if kind == "focal":
-            return losses.focal_loss(logits, target, gamma=focal_gamma, alpha=w)
-        if target.is_floating_point():
-            return losses.soft_target_cross_entropy(logits, target, weight=w)
-        return F.cross_entropy(logits.float(), target, weight=w, label_smoothing=label_smoothing)
-
-    return loss_fn
+    return ClassifierLoss(kind, **options)

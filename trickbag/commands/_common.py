@@ -11,52 +11,63 @@ from trickbag.run import Run
 
 
 def fit_and_summarize(run: Run, state=None) -> int:
-    """Train ``run`` (from ``state`` when resuming), close its logger, print the summary; the command's exit code.
+    """Train ``run`` (from ``state`` when resuming), test its kept checkpoints, print the summary; the exit code.
 
     A loss that turns NaN/inf stops the run with exit code 3 and one line on stderr (the log says the same).
     """
+    from trickbag.run import finish_run, fit_options
     from trickbag.train import NonFiniteLossError, fit
 
     try:
-        state = fit(run.model, run.loaders, run.parts, run.cfg, state)
+        state = fit(run.model, run.loaders, run.parts, fit_options(run.cfg), state)
+        results = finish_run(run, state)
     except NonFiniteLossError as error:
         run.parts.logger.info(f"stopped: {error}")
         print(f"trickbag train: stopped: {error}", file=sys.stderr)
         return 3
     finally:
         run.parts.logger.close()
-    print_summary(run, state)
+    print_summary(run, results)
     return 0
 
 
-def print_summary(run: Run, state) -> None:
-    """The end-of-run table: the epochs and scores of the best and last checkpoints, then where they are."""
+def print_summary(run: Run, results: dict) -> None:
+    """The end-of-run table: each kept checkpoint's epoch, its val scores (which chose it) and its test scores."""
     from rich.console import Console
     from rich.table import Table
 
-    metric = run.cfg.eval.best_metric
-    keys = list(dict.fromkeys(["val_loss", metric, "accuracy", "macro_f1"]))
+    metric = results["best_metric"]
+    keys = list(dict.fromkeys(["loss", metric, "accuracy", "macro_f1"]))
     table = Table(title=f"trickbag run {run.run_dir}", title_justify="left")
-    table.add_column("checkpoint", no_wrap=True)
+    table.add_column("checkpoint (chosen on val)", no_wrap=True)
     table.add_column("epoch", justify="right", no_wrap=True)
-    for key in keys:
-        table.add_column(key, justify="right", no_wrap=True)
-    for kind in ("best_metric", "best_loss", "last"):
-        if run.parts.checkpointer.latest(kind) is None:
-            continue
-        epoch = {"best_metric": state.best_metric_epoch, "best_loss": state.best_loss_epoch}.get(
-            kind, state.epoch
-        )
-        row = state.history[epoch - 1] if 0 < epoch <= len(state.history) else {}
-        cells = [f"{row[key]:.4f}" if isinstance(row.get(key), float) else "-" for key in keys]
-        table.add_row(f"{run.run_dir}/{kind}", str(epoch), *cells)
+    splits = [split for split in ("val", "test") if any(split in c for c in results["checkpoints"].values())]
+    for split in splits:
+        for key in keys:
+            table.add_column(f"{split} {key}", justify="right", no_wrap=True)
+    for kind, entry in results["checkpoints"].items():
+        cells = [
+            f"{entry[split][key]:.4f}" if isinstance(entry.get(split, {}).get(key), float) else "-"
+            for split in splits
+            for key in keys
+        ]
+        table.add_row(f"{run.run_dir}/{kind}", str(entry["epoch"]), *cells)
     # Not a terminal (CI, a pipe): wide enough that nothing is cut.
     console = Console() if sys.stdout.isatty() else Console(width=200)
     console.print(table)
-    if state.stopped_early:
-        console.print(f"stopped early after epoch {state.epoch} (early_stopping.patience)")
+    chosen = results["checkpoints"].get("best_metric")
+    if chosen is not None and "test" in chosen:
+        console.print(
+            f"report this: test {metric} {chosen['test'][metric]:.4f} of best_metric (epoch {chosen['epoch']}, "
+            f"chosen by val {metric} {chosen['val'].get(metric, float('nan')):.4f})"
+        )
+    elif "test" not in splits:
+        console.print("no test set: the scores above are validation scores, which chose the checkpoints")
+    if results["stopped_early"]:
+        console.print(f"stopped early after epoch {results['epochs']} (early_stopping.patience)")
     console.print(
-        f"logs: {run.run_dir}/metrics.csv, {run.run_dir}/train.log; plots: trickbag report {run.run_dir}",
+        f"logs: {run.run_dir}/metrics.csv, {run.run_dir}/results.json, {run.run_dir}/train.log; "
+        f"plots: trickbag report {run.run_dir}",
         soft_wrap=True,
     )
 

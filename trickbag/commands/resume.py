@@ -9,7 +9,12 @@ from trickbag.commands._common import fit_and_summarize
 from trickbag.run import build_run
 
 EPILOG = """examples:
-  trickbag resume runs/digits-001        continue from runs/digits-001/last (bit-exact on CPU when deterministic)
+  trickbag resume runs/digits-001            continue from runs/digits-001/last (bit-exact on CPU)
+  trickbag resume runs/digits-001 epochs=30  extend a finished (or early-stopped) run to 30 epochs
+
+Extending: the schedule becomes the one the run would have had with the new epochs from the start (a cosine or
+linear decay is stretched to the new end, so the LR rises from its final value to that curve's value at the
+current update); a run that stopped early forgets its patience count and trains on. Only `epochs` may change.
 """
 
 
@@ -22,16 +27,20 @@ def register(subparsers) -> None:
         description="Continue a run from its last checkpoint with the run's saved config.",
     )
     parser.add_argument("run_dir")
+    parser.add_argument("overrides", nargs="*", help="epochs=N to extend the run (nothing else may change)")
     parser.add_argument("--quiet", action="store_true", help="no console output except the final summary")
     parser.set_defaults(func=handle_resume)
 
 
 def handle_resume(args) -> int:
-    return resume_run(args.run_dir, quiet=args.quiet)
+    return resume_run(args.run_dir, quiet=args.quiet, overrides=args.overrides)
 
 
-def resume_run(run_dir: str | Path, quiet: bool = False) -> int:
-    """Rebuild the run in ``run_dir`` from its config.yaml, restore ``last`` (if any) and train to the end."""
+def resume_run(run_dir: str | Path, quiet: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> int:
+    """Rebuild the run in ``run_dir`` from its config.yaml, restore ``last`` (if any) and train to the end.
+
+    ``overrides`` may only set ``epochs`` (to extend the run; see the command's help for the schedule).
+    """
     from trickbag.checkpoint import load_checkpoint
     from trickbag.config import load_config
     from trickbag.train import restore_training_state
@@ -39,7 +48,13 @@ def resume_run(run_dir: str | Path, quiet: bool = False) -> int:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
+    for override in overrides:
+        if override.partition("=")[0].strip() != "epochs":
+            raise ValueError(
+                f"resume takes only epochs=N (to extend the run), got {override!r}; "
+                "other settings belong to a new run: trickbag train CONFIG ..."
+            )
+    cfg = load_config(run_dir / "config.yaml", overrides)
     run = build_run(cfg, run_dir, quiet=quiet)
     last = run.parts.checkpointer.latest("last")
     state = None
@@ -49,5 +64,20 @@ def resume_run(run_dir: str | Path, quiet: bool = False) -> int:
         ckpt = load_checkpoint(last, default_kind="last")
         run.model.load_state_dict(ckpt.weights)
         state = restore_training_state(ckpt.state, run.loaders, run.parts)
-        run.parts.logger.info(f"resumed from {last.name} (epoch {state.epoch} of {cfg.epochs})")
+        if state.epoch > cfg.epochs:
+            raise ValueError(
+                f"epochs={cfg.epochs} is less than the {state.epoch} epochs {run_dir} already trained"
+            )
+        if overrides and cfg.epochs > state.epoch and state.stopped_early:
+            state.stopped_early, state.stale_evaluations = False, 0
+            run.parts.logger.info(
+                f"extending a run that stopped early at epoch {state.epoch}: patience reset"
+            )
+        if state.stopped_early or state.epoch == cfg.epochs:
+            run.parts.logger.info(
+                f"{run_dir} is already complete (epoch {state.epoch}{', stopped early' if state.stopped_early else ''}); "
+                "nothing to train (extend it with: trickbag resume RUN_DIR epochs=N)"
+            )
+        else:
+            run.parts.logger.info(f"resumed from {last.name} (epoch {state.epoch} of {cfg.epochs})")
     return fit_and_summarize(run, state)
