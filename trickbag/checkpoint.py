@@ -218,7 +218,9 @@ def _size(num_bytes: float) -> str:
     return ""
 
 
-def _write_error(error: OSError, step: str, kind: str, run_dir: Path, needed: int) -> CheckpointWriteError:
+def _write_error(
+    error: OSError, step: str, kind: str, run_dir: Path, needed: int, final: Path
+) -> CheckpointWriteError:
     """One message: what failed and where, what to do, and which checkpoint is still there."""
     where = f" ({error.filename})" if error.filename else ""
     message = f"could not save the '{kind}' checkpoint in {run_dir}: {step} failed: {error.strerror or error}{where}"
@@ -237,7 +239,9 @@ def _write_error(error: OSError, step: str, kind: str, run_dir: Path, needed: in
     elif error.errno == errno.ENOENT:
         message += "; the folder vanished while saving (deleted, or its disk unmounted?)"
     current = resolve_pointer(run_dir / kind)
-    if current is not None:
+    if current == final:  # only the fsync after the pointer swap failed
+        message += f". The new checkpoint {run_dir / kind} -> {current.name} is in place (after a power cut it may not be)"
+    elif current is not None:
         message += f". The previous checkpoint {run_dir / kind} -> {current.name} is intact"
     else:
         message += f". No earlier '{kind}' checkpoint exists"
@@ -325,7 +329,7 @@ def save_checkpoint(
         ):  # renamed, but the pointer still names the old
             shutil.rmtree(final, ignore_errors=True)
         if isinstance(error, OSError):
-            raise _write_error(error, step, kind, run_dir, needed) from error
+            raise _write_error(error, step, kind, run_dir, needed, final) from error
         raise
     _remove_older(run_dir, kind, final, keep)
     return final
