@@ -19,7 +19,9 @@ from trickbag.checkpoint import atomic_write_bytes
 
 # Progress and RunLogger re-exported: compatibility: removed once train.py/run.py import the new modules.
 from trickbag.progress import Progress  # noqa: F401
-from trickbag.runlog import METRICS_FILE, RunLogger, format_value  # noqa: F401
+from trickbag.runlog import LR_FILE, METRICS_FILE, RunLogger, format_value  # noqa: F401
+
+RESULTS_FILE = "results.json"  # written by trickbag.run.finish_run
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
@@ -38,25 +40,48 @@ def _number(text: str | None) -> float:
         return math.nan
 
 
-def planned_lr_curve(meta: dict[str, Any], rows: list[dict[str, float]]) -> list[float]:
-    """The LR of every update of the epochs in ``rows``, replayed from the run's schedule ([] if unknown).
+def read_lr_trace(run_dir: str | Path) -> list[float]:
+    """The LR (param group 0) each optimizer update used, as the run recorded it in ``lr.csv`` ([] if absent).
 
-    Plateau schedules replay the validation values the run observed; an update the fp16 scaler skipped is not
-    known here, so the curve is the planned one.
+    Recorded, not replayed: a plateau schedule's reductions, an extended run and fp16 skips are all as they were.
     """
-    if not rows or "updates_per_epoch" not in meta or "base_lr" not in meta:
+    path = Path(run_dir) / LR_FILE
+    if not path.is_file():
         return []
-    from trickbag.schedules import ScheduleConfig, lr_curve
+    with open(path, encoding="utf-8", newline="") as handle:
+        return [float(row["lr"]) for row in csv.DictReader(handle)]
 
-    config = meta["config"]
-    schedule = ScheduleConfig.model_validate(config.get("schedule", {}))
-    observed = None
-    if schedule.kind == "plateau":
-        key = "val_loss" if schedule.mode == "min" else config["eval"]["best_metric"]
-        observed = [row.get(key, math.nan) for row in rows]
-    lrs = lr_curve(schedule, base_lr=meta["base_lr"], steps_per_epoch=meta["updates_per_epoch"],
-                   epochs=config["epochs"], metrics=observed)  # fmt: skip
-    return lrs[: len(rows) * meta["updates_per_epoch"]]
+
+def read_results(run_dir: str | Path) -> dict[str, Any]:
+    """``results.json`` of a finished run ({} while the run is still going or if it failed)."""
+    path = Path(run_dir) / RESULTS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def results_table_html(results: dict[str, Any]) -> str:
+    """Each kept checkpoint's val scores (which chose it) beside its test scores (which chose nothing)."""
+    checkpoints = results.get("checkpoints", {})
+    if not checkpoints:
+        return "<p>No results.json yet: the run has not finished.</p>"
+    keys = list(dict.fromkeys(["loss", results.get("best_metric", "accuracy"), "accuracy", "macro_f1"]))
+    splits = [split for split in ("val", "test") if any(split in entry for entry in checkpoints.values())]
+    header = "<th>checkpoint</th><th>epoch</th>" + "".join(
+        f"<th>{split} {html.escape(key)}</th>" for split in splits for key in keys
+    )
+    body = "".join(
+        f"<tr><td>{html.escape(kind)}</td><td>{entry['epoch']}</td>"
+        + "".join(
+            f"<td>{format_value(entry.get(split, {}).get(key))}</td>" for split in splits for key in keys
+        )
+        + "</tr>"
+        for kind, entry in checkpoints.items()
+    )
+    note = (
+        "Checkpoints are chosen on val; test scores are computed once at the end and choose nothing."
+        if "test" in splits
+        else "No test set: these are validation scores, which chose the checkpoints."
+    )
+    return f"<h2>val and test</h2><p>{note}</p><table><tr>{header}</tr>{body}</table>"
 
 
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
@@ -79,6 +104,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
     epochs = [row["epoch"] for row in rows]
     skip = {"epoch", "train_loss", "val_loss", "lr", "time_s", "images_per_s"}
+    results = read_results(run_dir)
     metric_keys = [key for key in (rows[0] if rows else {}) if key not in skip]
 
     figure, axes = plt.subplots(2, 3, figsize=(16, 9))
@@ -94,11 +120,11 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     if metric_keys:
         ax.legend(fontsize=7)
     ax = axes[0][2]
-    per_update = planned_lr_curve(meta, rows)
+    per_update = read_lr_trace(run_dir)
     if per_update:
-        steps = meta["updates_per_epoch"]
+        steps = max(1, round(len(per_update) / max(len(rows), 1)))  # updates per epoch, as recorded
         ax.plot([(i + 1) / steps for i in range(len(per_update))], per_update)
-        ax.set(title="learning rate per update (param group 0)", xlabel="epoch")
+        ax.set(title="learning rate of each update (param group 0, as used)", xlabel="epoch")
     else:
         ax.plot(epochs, [row.get("lr", math.nan) for row in rows], marker="o")
         ax.set(title="learning rate (end of epoch)", xlabel="epoch")
@@ -107,7 +133,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     confusion = meta.get("confusion_matrix")
     ax = axes[1][0]
     if confusion:
-        title = f"confusion matrix, best_metric epoch {meta.get('epoch')}"
+        title = f"val confusion matrix, best_metric epoch {meta.get('epoch')}"
         draw_confusion_matrix(ax, confusion, classes, title=title)
     else:
         ax.set_title("no best_metric checkpoint")
@@ -115,13 +141,17 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     if confusion:
         scores = per_class_scores(confusion, classes, zero_division=0.0)
         ax.barh([row["class"] for row in scores], [row["f1"] for row in scores])
-        ax.set(title="per-class F1 (best_metric)", xlim=(0, 1))
+        ax.set(title="per-class F1 on val (best_metric)", xlim=(0, 1))
         ax.invert_yaxis()
     axes[1][2].axis("off")
-    summary = [f"{key}: {format_value(value)}" for key, value in (meta.get("scores") or {}).items()]
-    axes[1][2].text(
-        0, 1, "\n".join(["best_metric checkpoint", *summary]), va="top", family="monospace", fontsize=9
-    )
+    chosen = results.get("checkpoints", {}).get("best_metric", {})
+    lines = [f"best_metric checkpoint (epoch {chosen.get('epoch', meta.get('epoch'))}), chosen on val"]
+    for split in ("val", "test"):
+        for key, value in chosen.get(split, {}).items():
+            lines.append(f"{split} {key}: {format_value(value)}")
+    if not chosen:
+        lines += [f"{key}: {format_value(value)}" for key, value in (meta.get("scores") or {}).items()]
+    axes[1][2].text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=9)
     figure.suptitle(f"trickbag run {run_dir.name}")
     figure.tight_layout()
     png_path = run_dir / "report.png"
@@ -142,7 +172,8 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}</style></head><body>"
         f"<h1>trickbag run {html.escape(run_dir.name)}</h1>"
         f"<img alt='report' style='max-width:100%' src='data:image/png;base64,{image}'>"
-        f"<h2>metrics per epoch</h2><table><tr>{header}</tr>{table}</table></body></html>"
+        f"{results_table_html(results)}"
+        f"<h2>metrics per epoch (validation)</h2><table><tr>{header}</tr>{table}</table></body></html>"
     )
     html_path = run_dir / "report.html"
     atomic_write_bytes(html_path, page.encode("utf-8"))

@@ -15,12 +15,17 @@ from trickbag.run import (
     load_model,
     loss_from_config,
     match_channels,
+    requested_top_k,
     resolve_device,
 )
 
 EPILOG = """examples:
-  trickbag eval runs/digits-001/best_metric                  the run's own evaluation set
+  trickbag eval runs/digits-001                              best_metric on the run's test split
+  trickbag eval runs/digits-001/best_loss --split val        the validation split that chose the checkpoints
   trickbag eval runs/digits-001 --data /data/cifar10/test    an image folder with one subfolder per class
+
+The loss is the dataset-level one (sum of w_i l_i over sum of w_i with the run's class weights), the same number
+the run logged for that split, whatever the batch size.
 """
 
 
@@ -33,7 +38,13 @@ def register(subparsers) -> None:
         description="Evaluate a checkpoint (folder, run_dir/best_metric, or a run folder) and print its metrics.",
     )
     parser.add_argument("checkpoint", help="checkpoint folder or run folder (uses its best_metric)")
-    parser.add_argument("--data", help="image folder with class subfolders (default: the run's eval set)")
+    parser.add_argument("--data", help="image folder with class subfolders (default: the run's own split)")
+    parser.add_argument(
+        "--split",
+        choices=("test", "val", "train"),
+        default="test",
+        help="which split of the run's data to evaluate when --data is not given (default: test)",
+    )
     parser.add_argument(
         "--flip-tta",
         action="store_true",
@@ -58,21 +69,32 @@ def handle_eval(args) -> int:
     cfg = config_from_dict(ckpt.meta["config"], str(ckpt.path / "meta.json"))
     if args.data:
         imageset = align_classes(data.load_image_folder(args.data, size=(height, width)), classes)
-    else:  # the evaluation set the run itself used (same seed, same split)
-        _, imageset = load_datasets(cfg)
+        described = f"the image folder {args.data}"
+    else:  # the run's own split, drawn exactly as the run drew it (data.split_seed)
+        splits = dict(zip(("train", "val", "test"), load_datasets(cfg)))
+        imageset = splits[args.split]
+        if imageset is None:
+            available = [name for name, split in splits.items() if split is not None]
+            raise ValueError(
+                f"the run in {ckpt.path.parent} has no {args.split} split; use --split {' or '.join(available)}"
+            )
+        described = f"the run's {args.split} split" + (
+            " (it chose this checkpoint)" if args.split == "val" else ""
+        )
     images = match_channels(imageset.images, channels)
     # Evaluate as the run did: its precision, memory format, loss (smoothing, class weights) and flip TTA.
     loader = data.BatchLoader.for_eval(
         images, imageset.labels, batch_size=256, device=device, mean=ckpt.meta["mean"], std=ckpt.meta["std"],
         channels_last=cfg.data.channels_last,
     )  # fmt: skip
-    metrics = ClassificationMetrics(len(classes), class_names=classes, zero_division=0.0)
+    top_k = requested_top_k(cfg, len(classes))
+    metrics = ClassificationMetrics(len(classes), class_names=classes, top_k=top_k, zero_division=0.0)
     loss_fn = loss_from_config(cfg, len(classes), ckpt.meta.get("class_weights"))
     precision = Precision(cfg.precision, device) if precision_runs(cfg.precision, device) else None
     scores = evaluate(
         model, loader, loss_fn, metrics, precision=precision, flip_tta=args.flip_tta or cfg.eval.flip_tta
     )
-    print(f"{ckpt.path} on {args.data or 'its evaluation set'} ({len(images)} images)")
+    print(f"{ckpt.path} (epoch {ckpt.meta.get('epoch')}) on {described}: {len(images)} images")
     table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
