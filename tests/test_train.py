@@ -266,7 +266,9 @@ def test_a_group_of_only_nan_micro_batches_steps_nothing():
     assert (state.updates, state.skipped_updates) == (1, 1)
     assert parts.scheduler.last_step == 1 and ema.calls == 1
     assert len(parts.optimizer.state) == 2 * 2 and all(  # momentum buffers from exactly one real step
-        torch.isfinite(value).all() for param_state in parts.optimizer.state.values() for value in param_state.values()
+        torch.isfinite(value).all()
+        for param_state in parts.optimizer.state.values()
+        for value in param_state.values()
     )
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -435,7 +437,9 @@ def test_distillation_term_matches_formula():
     x, y = data(8)
     student, teacher = tiny_model(0), tiny_model(1).eval()
     parts = parts_for(student, 1, 1, teacher=teacher)
-    total, weight = training_loss_sums(student, x, y, parts, options(distill_alpha=0.3, distill_temperature=2.0))
+    total, weight = training_loss_sums(
+        student, x, y, parts, options(distill_alpha=0.3, distill_temperature=2.0)
+    )
     loss = total / weight
     logits, teacher_logits = student(x), teacher(x).detach()
     hard = F.cross_entropy(logits, y)
