@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -5,7 +6,22 @@ import numpy as np
 import pytest
 import torch
 
+from trickbag import cache
 from trickbag.images import list_images, load_csv, load_image_folder, load_images
+
+
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path, monkeypatch):
+    """Every test gets its own user cache folder (never the real ~/.cache)."""
+    folder = tmp_path / "user-cache"
+    monkeypatch.setenv("TRICKBAG_CACHE_DIR", str(folder))
+    return folder
+
+
+def tree(root):
+    """Every path under ``root`` with its size and mtime: to show nothing was written there."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(root).rglob("*")}
+
 
 # ------------------------------------------------------------------------------------------------ image folders
 
@@ -61,16 +77,18 @@ def test_greyscale_and_rgba_become_rgb(tmp_path):
     assert torch.equal(imageset.images[names.index("rgba.png")], torch.full((3, 3, 4), 7, dtype=torch.uint8))
 
 
-def test_cache_hit_and_miss_on_mtime_change(tmp_path, monkeypatch):
+def test_cache_hit_and_miss_on_mtime_change(tmp_path, monkeypatch, user_cache):
     import trickbag.images as images
 
     write_folder(tmp_path / "data")
+    before = tree(tmp_path / "data")
     calls = []
     real = images._decode_files
     monkeypatch.setattr(images, "_decode_files", lambda *a, **k: calls.append(1) or real(*a, **k))
     first = load_image_folder(tmp_path / "data", num_workers=0, progress=False)
-    cache_files = list((tmp_path / "data" / ".trickbag-cache").glob("*.npz"))
+    cache_files = list(user_cache.glob("*.npz"))
     assert len(calls) == 1 and len(cache_files) == 1
+    assert tree(tmp_path / "data") == before  # nothing written into the dataset folder
     second = load_image_folder(tmp_path / "data", num_workers=0, progress=False)
     assert len(calls) == 1 and torch.equal(first.images, second.images)  # hit
     target = tmp_path / "data" / "dog" / "0.png"
@@ -78,14 +96,17 @@ def test_cache_hit_and_miss_on_mtime_change(tmp_path, monkeypatch):
     os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     load_image_folder(tmp_path / "data", num_workers=0, progress=False)
     assert len(calls) == 2  # miss after an mtime change
-    assert not list((tmp_path / "data" / ".trickbag-cache").glob("*.tmp"))  # atomic write left no temp
+    assert not list(user_cache.glob("*.tmp"))  # atomic write left no temp
+    assert len(cache.list_entries(user_cache)) == 2
 
 
 def test_corrupt_image_is_named_or_skipped_and_listed(tmp_path):
     write_folder(tmp_path / "data")
     bad = tmp_path / "data" / "dog" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
-    with pytest.raises(ValueError, match=r"1 image\(s\) could not be decoded: .*broken\.jpg"):
+    with pytest.raises(
+        ValueError, match=r"1 image\(s\) could not be decoded: .*broken\.jpg.*data\.skip_bad_images=true"
+    ):
         load_image_folder(tmp_path / "data", num_workers=0, progress=False)
     with pytest.warns(UserWarning, match="broken.jpg"):
         imageset = load_image_folder(tmp_path / "data", num_workers=0, progress=False, skip_bad_images=True)
@@ -121,15 +142,114 @@ def test_folder_layout_errors(tmp_path):
         load_image_folder(tmp_path / "ok", num_workers=-1, cache_dir=tmp_path / "c")
 
 
-def test_unwritable_root_falls_back_to_home_cache(tmp_path, monkeypatch):
-    write_folder(tmp_path / "data")
+def test_cache_location_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    real_access = os.access
-    monkeypatch.setattr(
-        os, "access", lambda p, m: False if ".trickbag-cache" in str(p) else real_access(p, m)
-    )
+    monkeypatch.delenv("TRICKBAG_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache.cache_folder() == tmp_path / "home" / ".cache" / "trickbag"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.cache_folder() == tmp_path / "xdg" / "trickbag"
+    monkeypatch.setenv("TRICKBAG_CACHE_DIR", str(tmp_path / "env"))
+    assert cache.cache_folder() == tmp_path / "env"
+    assert cache.cache_folder(tmp_path / "arg") == tmp_path / "arg"
+    write_folder(tmp_path / "data")
     load_image_folder(tmp_path / "data", num_workers=0, progress=False)
-    assert list((tmp_path / "home" / ".cache" / "trickbag").glob("*.npz"))
+    assert [p.suffix for p in (tmp_path / "env").iterdir() if p.suffix == ".npz"] == [".npz"]
+
+
+def test_read_only_dataset_folder_works_and_is_not_written(tmp_path, user_cache):
+    write_folder(tmp_path / "data")
+    before = tree(tmp_path / "data")
+    for path in [tmp_path / "data", *(tmp_path / "data").rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        first = load_image_folder(tmp_path / "data", num_workers=0, progress=False)
+        second = load_image_folder(tmp_path / "data", num_workers=0, progress=False)
+    finally:
+        for path in [tmp_path / "data", *(tmp_path / "data").rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    assert torch.equal(first.images, second.images) and len(first) == 5
+    # As root (CI) chmod does not stop writes, so check what matters: nothing was written there.
+    assert tree(tmp_path / "data") == before and len(list(user_cache.glob("*.npz"))) == 1
+
+
+def test_two_datasets_with_the_same_file_names_never_collide(tmp_path, user_cache):
+    a = write_folder(tmp_path / "a", fmt="bmp")
+    (tmp_path / "b").mkdir()
+    for path in a:  # same names, sizes and mtimes; other pixels
+        target = tmp_path / "b" / Path(path).relative_to(tmp_path / "a")
+        target.parent.mkdir(exist_ok=True)
+        data = bytearray(Path(path).read_bytes())
+        data[-2] ^= 0xFF  # the last byte of a BMP row may be padding
+        target.write_bytes(bytes(data))
+        os.utime(target, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns))
+    first = load_image_folder(tmp_path / "a", num_workers=0, progress=False)
+    second = load_image_folder(tmp_path / "b", num_workers=0, progress=False)
+    assert not torch.equal(first.images, second.images)
+    assert sorted(e.source for e in cache.list_entries(user_cache)) == [
+        str(tmp_path / "a"),
+        str(tmp_path / "b"),
+    ]
+
+
+def test_unusable_cache_folder_warns_and_still_decodes(tmp_path, monkeypatch):
+    write_folder(tmp_path / "data")
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.warns(UserWarning, match="cannot be used .*decoding without a cache"):
+        imageset = load_image_folder(
+            tmp_path / "data", num_workers=0, progress=False, cache_dir=tmp_path / "file" / "c"
+        )
+    assert len(imageset) == 5
+
+
+# ------------------------------------------------------------------------------------------------ cache index
+
+
+def make_entry(folder, name, size, last_used):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.npz"
+    path.write_bytes(b"x" * size)
+    cache.record_use(path, f"/data/{name}", now=last_used)
+    return path
+
+
+def test_index_records_use_and_prune_by_age_then_size(tmp_path):
+    day, now = 24 * 3600.0, 1_000_000_000.0
+    old = make_entry(tmp_path, "old", 10, now - 31 * day)
+    mid = make_entry(tmp_path, "mid", 300, now - 5 * day)
+    new = make_entry(tmp_path, "new", 300, now - 1 * day)
+    entries = cache.list_entries(tmp_path)
+    assert [(e.path.name, e.bytes, e.last_used, e.source) for e in entries] == [
+        ("new.npz", 300, now - day, "/data/new"),
+        ("mid.npz", 300, now - 5 * day, "/data/mid"),
+        ("old.npz", 10, now - 31 * day, "/data/old"),
+    ]
+    # Age first (default 30 days): only "old" goes; 610 bytes left fit the cap.
+    assert cache.prune(tmp_path, max_bytes=1000, now=now) == [old]
+    # Size cap: least recently used first, until the rest fits; a kept entry is never removed.
+    assert cache.prune(tmp_path, max_bytes=500, now=now, keep=(mid,)) == [new]
+    assert [e.path for e in cache.list_entries(tmp_path)] == [mid] and mid.exists() and not new.exists()
+    with pytest.raises(ValueError, match="max_age_days and max_bytes must be >= 0"):
+        cache.prune(tmp_path, max_age_days=-1)
+
+
+def test_prune_leaves_temp_files_being_written(tmp_path):
+    now = 1_000_000_000.0
+    fresh, stale = tmp_path / "tmpfresh.tmp", tmp_path / "tmpstale.tmp"
+    for path, age in ((fresh, 60), (stale, 2 * 24 * 3600)):
+        path.write_bytes(b"partial")
+        os.utime(path, (now - age, now - age))
+    cache.prune(tmp_path, max_bytes=0, now=now)
+    assert fresh.exists() and not stale.exists()
+
+
+def test_clear_all_or_older_than(tmp_path):
+    day, now = 24 * 3600.0, 1_000_000_000.0
+    old = make_entry(tmp_path, "old", 10, now - 8 * day)
+    new = make_entry(tmp_path, "new", 10, now - 1 * day)
+    assert cache.clear(tmp_path, older_than_days=7, now=now) == [old]
+    assert cache.clear(tmp_path) == [new] and cache.list_entries(tmp_path) == []
+    assert json.loads((tmp_path / "index.json").read_text()) == {}
 
 
 # ------------------------------------------------------------------------------------------------ CSV, predict

@@ -1,8 +1,9 @@
 """Image files decoded into an in-memory ``ImageSet``: image folders, CSV lists and prediction inputs.
 
 Image folders and CSVs are decoded once, in parallel, into one uint8 array ``(N, C, H, W)`` cached as an
-``.npz`` keyed by the file names, sizes and mtimes (written atomically); unreadable files are an error naming
-them, or are skipped and listed. ``ImageSet`` is defined here, with the loaders that build it, so that
+``.npz`` in the user cache folder (``trickbag.cache``: never inside the dataset) keyed by the dataset's absolute
+root, file names, sizes, mtimes and decode size (written atomically); unreadable files are an error naming them,
+or are skipped and listed. ``ImageSet`` is defined here, with the loaders that build it, so that
 ``trickbag.data`` (splits, statistics, the batch loader) can import it without an import cycle.
 """
 
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from trickbag import cache
 
 __all__ = [
     "ImageSet",
@@ -54,7 +57,7 @@ class ImageSet:
         labels: (N,) int64 tensor of class indices into ``classes``.
         classes: class names; ``classes[i]`` is the name of label ``i``.
         paths: source file of each image, or None for generated/embedded data.
-        skipped: files that could not be decoded and were skipped (``skip_bad_images=True``).
+        skipped: files that could not be decoded and were skipped (``data.skip_bad_images=true``).
     """
 
     images: torch.Tensor
@@ -85,7 +88,7 @@ class ImageSet:
 # ---------------------------------------------------------------------------------------------------------
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the dataset root is part of the key
 _FOLDER_LAYOUT = "root/<class name>/<image>.jpg|jpeg|png|bmp|webp, e.g. data/train/cat/0001.jpg"
 
 
@@ -215,19 +218,56 @@ def _check_size(size) -> tuple[int, int] | None:
     return int(size[0]), int(size[1])
 
 
-def _cache_folder(root: Path, cache_dir: str | os.PathLike | None) -> Path:
-    """The cache folder: ``cache_dir``, else ``<root>/.trickbag-cache``, else ``~/.cache/trickbag``."""
-    candidates = [Path(cache_dir)] if cache_dir is not None else [root / ".trickbag-cache"]
-    if cache_dir is None:
-        candidates.append(Path.home() / ".cache" / "trickbag")
-    for folder in candidates:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
+def _cache_folder(cache_dir: str | os.PathLike | None) -> Path | None:
+    """The cache folder (``trickbag.cache.cache_folder``), created; None (with a warning) if it cannot be written:
+    decoding still works, it is just not cached."""
+    folder = cache.cache_folder(cache_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
         if os.access(folder, os.W_OK):
             return folder
-    raise PermissionError(f"cannot create a writable cache folder; tried {[str(c) for c in candidates]}")
+        problem = "not writable"
+    except OSError as error:
+        problem = str(error)
+    warnings.warn(
+        f"image cache folder {folder} cannot be used ({problem}); decoding without a cache. Set data.cache_dir=DIR "
+        "or TRICKBAG_CACHE_DIR to a writable folder",
+        stacklevel=4,
+    )
+    return None
+
+
+def _read_cache(cache_file: Path) -> tuple[torch.Tensor, torch.Tensor, list] | None:
+    try:
+        with np.load(cache_file, allow_pickle=False) as stored:
+            return (
+                torch.from_numpy(stored["images"]),
+                torch.from_numpy(stored["kept"]),
+                [tuple(item) for item in stored["bad"].tolist()],
+            )
+    except FileNotFoundError:  # pruned by another process between the check and the read: decode again
+        return None
+
+
+def _write_cache(folder: Path, cache_file: Path, images: torch.Tensor, kept: torch.Tensor, bad: list) -> None:
+    # Write to a temp file in the same folder and rename: a crash never leaves a half-written cache, and
+    # pruning (which only removes *.npz entries and day-old temp files) never removes a file being written.
+    with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as handle:
+        np.savez(
+            handle, images=images.numpy(), kept=kept.numpy(), bad=np.array(bad, dtype=str).reshape(-1, 2)
+        )
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, cache_file)
+
+
+def _touch_and_prune(cache_file: Path, root: Path) -> None:
+    """Record this use and prune old entries; a failure here only warns (the images are already loaded)."""
+    try:
+        cache.record_use(cache_file, str(root))
+        cache.prune(cache_file.parent, keep=(cache_file,))
+    except OSError as error:
+        warnings.warn(f"image cache bookkeeping in {cache_file.parent} failed: {error}", stacklevel=4)
 
 
 def _decode_cached(
@@ -244,35 +284,32 @@ def _decode_cached(
     size: tuple[int, int] | None,
 ) -> ImageSet:
     """Decode ``paths`` once; later calls with the same files (names, sizes, mtimes) read the cache."""
-    digest = hashlib.sha256(f"trickbag-cache v{CACHE_VERSION}\n{size}\n{key_extra}\n".encode())
+    digest = hashlib.sha256(f"trickbag-cache v{CACHE_VERSION}\n{root}\n{size}\n{key_extra}\n".encode())
     for path, label in zip(paths, labels):
         stat = os.stat(path)
-        digest.update(f"{path}\t{stat.st_size}\t{stat.st_mtime_ns}\t{label}\n".encode())
-    folder = _cache_folder(root, cache_dir)
-    cache_file = folder / f"{digest.hexdigest()[:32]}.npz"
+        digest.update(f"{os.path.abspath(path)}\t{stat.st_size}\t{stat.st_mtime_ns}\t{label}\n".encode())
+    folder = _cache_folder(cache_dir)
+    cache_file = None if folder is None else folder / f"{digest.hexdigest()[:32]}{cache.ENTRY_SUFFIX}"
 
-    if cache_file.exists():
-        with np.load(cache_file, allow_pickle=False) as stored:
-            images = torch.from_numpy(stored["images"])
-            kept = torch.from_numpy(stored["kept"])
-            bad = [tuple(item) for item in stored["bad"].tolist()]
+    stored = _read_cache(cache_file) if cache_file is not None and cache_file.exists() else None
+    if stored is not None:
+        images, kept, bad = stored
     else:
         results = _decode_files(paths, size, num_workers, progress)
         bad = [(p, reason) for p, (_, reason) in zip(paths, results) if reason is not None]
         kept_list = [i for i, (_, reason) in enumerate(results) if reason is None]
         kept = torch.tensor(kept_list, dtype=torch.int64)
         images = _stack([paths[i] for i in kept_list], [results[i][0] for i in kept_list])
-        # Write to a temp file in the same folder and rename: a crash never leaves a half-written cache.
-        with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as handle:
-            np.savez(
-                handle, images=images.numpy(), kept=kept.numpy(), bad=np.array(bad, dtype=str).reshape(-1, 2)
-            )
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, cache_file)
+        if cache_file is not None:
+            _write_cache(folder, cache_file, images, kept, bad)
+    if cache_file is not None:
+        _touch_and_prune(cache_file, root)
 
     if bad and not skip_bad_images:
-        raise ValueError(_bad_files_message(bad) + "; fix or remove them, or set skip_bad_images=True")
+        raise ValueError(
+            _bad_files_message(bad) + "; fix or remove them, or skip them with data.skip_bad_images=true "
+            "(skip_bad_images=True in Python)"
+        )
     skipped = [path for path, _ in bad]
     if skipped:
         warnings.warn(f"skipped {_bad_files_message(bad)}", stacklevel=3)
@@ -296,8 +333,9 @@ def load_image_folder(
 
     Classes are the sorted subfolder names (hidden folders ignored); every image becomes RGB (greyscale
     copied to 3 channels, RGBA's alpha dropped). All images must share a size unless ``size=(H, W)``
-    resizes them. The cache (``cache_dir``, default ``<root>/.trickbag-cache`` or ``~/.cache/trickbag``)
-    is keyed by the sorted file list with sizes and mtimes, so editing any file re-decodes.
+    resizes them. The cache (``cache_dir``, default $TRICKBAG_CACHE_DIR, $XDG_CACHE_HOME/trickbag or
+    ~/.cache/trickbag; see ``trickbag.cache``) is keyed by the absolute root and the sorted file list with sizes
+    and mtimes, so editing any file re-decodes; nothing is written into ``root``.
 
     Args:
         skip_bad_images: False: an unreadable image is a ValueError naming it. True: skip it, warn, and
@@ -350,7 +388,7 @@ def load_csv(
 
     Relative paths are relative to ``root`` if given, else to the CSV's folder. Labels are either all
     integers (label i -> classes[i] = "i", classes "0".."max") or names (classes sorted). Other arguments
-    as ``load_image_folder``; the cache defaults to ``<root or CSV folder>/.trickbag-cache``.
+    as ``load_image_folder`` (the same user cache folder).
     """
     csv_file = Path(csv_path).expanduser().resolve()
     if not csv_file.is_file():
