@@ -15,7 +15,7 @@ EPILOG = """examples:
                                               a CSV written by `trickbag predict`: per-class table,
                                               overall metrics and eval/confusion_matrix.png
 
-Files are counted, not decoded. Imbalance >= 3:1 -> lead with macro-F1 and per-class recall (accuracy is
+Files are listed as `trickbag train` lists them (trickbag.images.list_images) and counted, not decoded. Imbalance >= 3:1 -> lead with macro-F1 and per-class recall (accuracy is
 shown next to the majority-class baseline); >= 10:1 -> try loss.class_weights: effective_number.
 """
 
@@ -73,21 +73,23 @@ def handle_inspect(args: argparse.Namespace) -> int:
 
 
 def count_image_folder(root: Path) -> tuple[dict[str, int], str]:
-    """Image files per class folder under ``root`` (or ``root/train``); counted by extension, not decoded."""
-    from trickbag.data import IMAGE_EXTENSIONS
+    """Image files per class folder under ``root`` (or ``root/train``); counted, not decoded.
+
+    Classes are the loader's (non-hidden subfolders) and files are found by ``trickbag.images.list_images``,
+    the one listing every command uses, so these counts are those of ``trickbag train`` and ``trickbag mix``.
+    """
+    from trickbag.images import list_images
 
     if (root / "train").is_dir():
         root = root / "train"
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
         raise ValueError(f"{root} has no class folders: expected root/<class>/<image> or root/train/<class>/")
-    counts = {}
-    for class_dir in class_dirs:
-        counts[class_dir.name] = sum(
-            1
-            for p in class_dir.rglob("*")
-            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
-        )
+    counts = dict.fromkeys(classes, 0)
+    for file in list_images(root):
+        class_name = Path(file).relative_to(root).parts[0]
+        if class_name in counts:  # not a file lying in root itself, nor one in a hidden folder
+            counts[class_name] += 1
     return counts, str(root)
 
 

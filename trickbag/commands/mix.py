@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
 EPILOG = """examples:
   trickbag mix grid /data/cifar10/train --out mix.png           8 random images from a class-folder tree
   trickbag mix grid a.jpg b.jpg c.jpg --out mix.png --alpha 0.4  given files, λ mostly near 0 or 1
@@ -41,42 +39,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     grid.set_defaults(func=run_grid)
 
 
-def _image_files(inputs: list[str]) -> list[Path]:
-    files = []
-    for name in inputs:
-        path = Path(name)
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"no such file or folder: {name}")
-    if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {' '.join(inputs)}")
-    return files
+def image_files(inputs: list[str]) -> list[Path]:
+    """The files of ``inputs`` (image files, or folders searched as ``trickbag.images.list_images`` does)."""
+    from trickbag.images import list_images
+
+    return [Path(file) for name in inputs for file in list_images(name)]
 
 
 def run_grid(args: argparse.Namespace) -> int:
     if args.n < 2:
         raise ValueError(f"--n must be >= 2 (every image needs a partner), got {args.n}")
-    import numpy as np
     import torch
-    from PIL import Image
 
+    from trickbag.images import load_images
     from trickbag.mixing import save_mix_grid
 
-    files = _image_files(args.inputs)
+    files = image_files(args.inputs)
     if len(files) < 2:
         raise ValueError(f"need at least 2 images, found {len(files)} in {' '.join(args.inputs)}")
     generator = torch.Generator().manual_seed(args.seed)
-    picked = [files[i] for i in torch.randperm(len(files), generator=generator)[: args.n].tolist()]
-    images, size = [], None
-    for path in picked:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            size = size or image.size  # mixing needs one size: the first image's
-            images.append(np.asarray(image.resize(size) if image.size != size else image))
-    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    picked = [str(files[i]) for i in torch.randperm(len(files), generator=generator)[: args.n].tolist()]
+    # Decoded as the loader decodes (RGB, bilinear resize); mixing needs one size: the first image's.
+    _, _, height, width = load_images(picked[:1]).shape
+    batch = load_images(picked, size=(height, width))  # (N, 3, H, W) uint8
     out = save_mix_grid(batch, args.out, alpha=args.alpha, seed=args.seed)
     print(f"wrote {out} ({len(picked)} images, alpha={args.alpha}, seed={args.seed})")
     return 0
