@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trickbag.losses import (
+    ClassifierLoss,
     DistillationLoss,
     FocalLoss,
     LabelSmoothingCrossEntropy,
@@ -153,17 +154,21 @@ def test_focal_gradients_wrt_logits_and_alpha_match_naive_formula(gamma, classes
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
 @pytest.mark.parametrize("classes", [4, 17])
 def test_focal_gradcheck_and_gradgradcheck_in_logits_and_alpha(gamma, classes):
-    logits, target = make(5, classes, seed=32, scale=1.5)
+    logits, target = make(4, classes, seed=32, scale=1.5)
     target[2] = -100
     alpha = torch.linspace(0.5, 2.0, classes, dtype=torch.float64).requires_grad_()
+    # The full Jacobians for the hand-written small-C kernel; random projections (fast_mode) for the
+    # autograd path at C=17, whose full second-order check takes seconds.
+    fast = classes >= 16
     for reduction in ("mean", "none"):
 
         def loss(x, a, reduction=reduction):
             return focal_loss(x, target, gamma=gamma, alpha=a, reduction=reduction)
 
-        assert torch.autograd.gradcheck(loss, (logits, alpha))
-        assert torch.autograd.gradgradcheck(loss, (logits, alpha))
-    assert torch.autograd.gradgradcheck(lambda x: focal_loss(x, target.clamp_min(0), gamma=gamma), (logits,))
+        assert torch.autograd.gradcheck(loss, (logits, alpha), fast_mode=fast)
+        assert torch.autograd.gradgradcheck(loss, (logits, alpha), fast_mode=fast)
+    no_alpha = lambda x: focal_loss(x, target.clamp_min(0), gamma=gamma)  # noqa: E731
+    assert torch.autograd.gradgradcheck(no_alpha, (logits,), fast_mode=fast)
 
 
 def test_focal_small_classes_double_backward_matches_naive_gradient_penalty():
@@ -395,6 +400,162 @@ def test_soft_target_cross_entropy_gradcheck():
     q = torch.softmax(torch.randn(5, 3, dtype=torch.float64), 1)
     weight = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda x: soft_target_cross_entropy(x, q, weight=weight), (logits,))
+
+
+# ---------------------------------------------------------------- ClassifierLoss
+
+
+def naive_classifier_loss(kind, logits, target, smoothing, style, gamma, weight):
+    """The mean by its definition, one formula for every path: -sum_c w_c q_ic f_ic log p_ic / sum_i w_i."""
+    classes = logits.shape[1]
+    w = torch.ones(classes, dtype=torch.float64) if weight is None else weight.double()
+    log_p = torch.log_softmax(logits.double(), 1)
+    focus = (1 - log_p.exp()) ** gamma if kind == "focal" else torch.ones_like(log_p)
+    if target.is_floating_point():
+        q = target.double()  # rows come smoothed from the mixer: used as given
+        sample_weight = q @ w
+    else:
+        one_hot = F.one_hot(target, classes).double()
+        q = one_hot
+        if smoothing and style == "uniform":
+            q = one_hot * (1 - smoothing) + smoothing / classes
+        elif smoothing:
+            q = one_hot * (1 - smoothing) + (1 - one_hot) * smoothing / (classes - 1)
+        # F.cross_entropy's weighted mean divides by w[y_i], also with its uniform smoothing; rows smoothed
+        # before the loss (focal, off_target) divide by sum_c w_c q_ic.
+        via_cross_entropy = kind == "ce" and (not smoothing or style == "uniform")
+        sample_weight = one_hot @ w if via_cross_entropy else q @ w
+    return -(w * q * focus * log_p).sum() / sample_weight.sum()
+
+
+COMBINATIONS = [
+    (kind, smoothing, style, soft, weighted)
+    for kind in ("ce", "focal")
+    for smoothing in (0.0, 0.1)
+    for style in ("uniform", "off_target")
+    for soft in (False, True)
+    for weighted in (False, True)
+]
+
+
+@pytest.mark.parametrize("kind,smoothing,style,soft,weighted", COMBINATIONS)
+def test_classifier_loss_mean_sums_and_any_split_agree_in_values_and_gradients(
+    kind, smoothing, style, soft, weighted
+):
+    generator = torch.Generator().manual_seed(40)
+    classes = 6
+    logits = (torch.randn(13, classes, generator=generator) * 3).requires_grad_()
+    target = torch.randint(0, classes, (13,), generator=generator)
+    if soft:
+        target = torch.softmax(torch.randn(13, classes, generator=generator) * 2, 1)
+    weight = torch.tensor([0.2, 1.0, 3.0, 0.5, 1.7, 0.9]) if weighted else None
+    loss = ClassifierLoss(
+        kind,
+        num_classes=classes,
+        label_smoothing=smoothing,
+        smoothing_style=style,
+        focal_gamma=1.5,
+        weight=weight,
+    )
+    mean = loss(logits, target)
+    reference = naive_classifier_loss(kind, logits, target, smoothing, style, 1.5, weight)
+    torch.testing.assert_close(mean.double(), reference)
+    numerator, denominator = loss.sums(logits, target)
+    assert (
+        numerator.shape == denominator.shape == () and numerator.dtype == denominator.dtype == torch.float32
+    )
+    torch.testing.assert_close(numerator / denominator, mean)
+    if not weighted:
+        assert denominator.item() == 13
+    (grad_mean,) = torch.autograd.grad(mean, logits)
+    torch.testing.assert_close(grad_mean, torch.autograd.grad(reference, logits)[0])
+    for sizes in ([13], [4, 1, 8], [5, 0, 2, 6], [1] * 13):
+        parts = [loss.sums(x, t) for x, t in zip(logits.split(sizes), target.split(sizes))]
+        split_mean = sum(n for n, _ in parts) / sum(d for _, d in parts)
+        torch.testing.assert_close(split_mean, mean)
+        torch.testing.assert_close(torch.autograd.grad(split_mean, logits)[0], grad_mean)
+
+
+@pytest.mark.parametrize("kind", ["ce", "focal"])
+def test_classifier_loss_ignored_targets_count_in_neither_part(kind):
+    logits, target = make(9, 5, seed=41, dtype=torch.float32)
+    target[[1, 6]] = -100
+    weight = torch.tensor([0.5, 1.0, 2.0, 0.3, 1.2])
+    loss = ClassifierLoss(kind, num_classes=5, focal_gamma=0.0, weight=weight)
+    numerator, denominator = loss.sums(logits, target)
+    keep = target != -100
+    torch.testing.assert_close(denominator, weight[target[keep]].sum())
+    torch.testing.assert_close(numerator / denominator, F.cross_entropy(logits, target, weight=weight))
+    unweighted = ClassifierLoss(kind, num_classes=5, focal_gamma=0.0)
+    assert unweighted.sums(logits, target)[1].item() == 7
+
+
+@pytest.mark.parametrize(
+    "kind,smoothing,style", [("ce", 0.0, "uniform"), ("ce", 0.1, "off_target"), ("focal", 0.1, "uniform")]
+)
+def test_classifier_loss_empty_batch_sums_to_zeros_without_nan(kind, smoothing, style):
+    loss = ClassifierLoss(
+        kind, num_classes=4, label_smoothing=smoothing, smoothing_style=style, weight=[1, 2, 3, 4]
+    )
+    logits = torch.zeros(0, 4, requires_grad=True)
+    for target in (torch.zeros(0, dtype=torch.long), torch.zeros(0, 4)):
+        numerator, denominator = loss.sums(logits, target)
+        assert numerator.item() == 0.0 and denominator.item() == 0.0
+        (grad,) = torch.autograd.grad(numerator, logits)
+        assert grad.shape == (0, 4)
+
+
+def test_classifier_loss_half_logits_float64_logits_and_buffer():
+    loss = ClassifierLoss("focal", num_classes=3, weight=[1.0, 2.0, 0.5])
+    assert dict(loss.named_buffers())["weight"].dtype == torch.float32
+    logits, target = make(5, 3, seed=42, dtype=torch.float32)
+    numerator, denominator = loss.sums(logits.bfloat16(), target)
+    assert numerator.dtype == denominator.dtype == torch.float32
+    wide, _ = make(5, 3, seed=42)
+    assert loss.sums(wide, target)[0].dtype == torch.float64
+    torch.testing.assert_close(
+        loss(wide, target), focal_loss(wide, target, alpha=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+    )
+    assert ClassifierLoss(num_classes=3).weight is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_classifier_loss_moves_weight_to_the_logits_device():
+    logits, target = make(8, 5, seed=43, dtype=torch.float32)
+    loss = ClassifierLoss("ce", num_classes=5, label_smoothing=0.1, weight=torch.linspace(0.5, 2, 5))
+    expected = loss.sums(logits, target)
+    on_gpu = loss.sums(logits.cuda(), target.cuda())
+    torch.testing.assert_close([part.cpu() for part in on_gpu], list(expected))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"kind": "bce"}, r"kind='bce' is not one of \('ce', 'focal'\)"),
+        ({"num_classes": 0}, r"num_classes=0 must be an int >= 1"),
+        ({"num_classes": 2.0}, r"num_classes=2.0 must be an int"),
+        ({"label_smoothing": 1.0}, r"label_smoothing=1.0 must be in \[0, 1\)"),
+        ({"smoothing_style": "gauss"}, r"smoothing_style='gauss' is not one of"),
+        ({"focal_gamma": -1}, r"focal_gamma=-1 must be >= 0"),
+        ({"weight": [1.0, 2.0]}, r"weight must have shape \(3,\)"),
+        ({"weight": [1.0, -2.0, 1.0]}, r"weight must be finite and >= 0"),
+    ],
+)
+def test_classifier_loss_rejects_bad_arguments(kwargs, match):
+    arguments = {"num_classes": 3, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        ClassifierLoss(**arguments)
+
+
+def test_classifier_loss_rejects_logits_of_the_wrong_width():
+    loss = ClassifierLoss(num_classes=3)
+    with pytest.raises(ValueError, match=r"logits must have shape \(N, 3\) for num_classes=3, got \(4, 5\)"):
+        loss(torch.zeros(4, 5), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"got \(4, 3, 2\)"):
+        loss.sums(torch.zeros(4, 3, 2), torch.zeros(4, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"off_target' needs num_classes >= 2"):
+        ClassifierLoss(num_classes=1, label_smoothing=0.1, smoothing_style="off_target")
 
 
 # ---------------------------------------------------------------- class weights

@@ -500,6 +500,120 @@ class LabelSmoothingCrossEntropy(nn.Module):
         )
 
 
+# ---------------------------------------------------------------- the training loss
+
+
+LOSS_KINDS = ("ce", "focal")
+_IGNORE_INDEX = -100  # the default of focal_loss and F.cross_entropy, which both paths below use
+
+
+class ClassifierLoss(nn.Module):
+    """The classifier's training loss from plain arguments, as a mean and as an exact (numerator, denominator).
+
+    Paths (those of ``trickbag.train.make_loss``, which this replaces):
+    - index targets with ``label_smoothing`` under "focal" or ``smoothing_style="off_target"`` are smoothed
+      into (N, C) rows by :func:`smooth_labels` first;
+    - "focal": :func:`focal_loss` with ``alpha=weight``;
+    - "ce" with float targets: :func:`soft_target_cross_entropy`;
+    - "ce" with index targets otherwise: ``F.cross_entropy(weight=, label_smoothing=)``.
+    Float targets (MixUp/CutMix rows) are used as given: the mixer has already smoothed them.
+
+    ``forward`` is the mean sum_i w_i l_i / sum_i w_i; ``sums`` returns its two parts, so a mean over any
+    union of batches (accumulated micro-batches, a whole evaluation set) is sum(numerators) /
+    sum(denominators), whatever the batching. The per-sample weight w_i (l_i already includes it) is 1
+    without ``weight``; with it, w[y_i] for index targets on the ``F.cross_entropy`` path (its own
+    weighted-mean denominator, also with label smoothing) and sum_c w_c q_ic for (smoothed or given) rows.
+    Index targets equal to -100 are ignored: no loss, no weight.
+
+    Args:
+        kind: "ce" or "focal".
+        num_classes: C, the width of the logits.
+        label_smoothing: eps in [0, 1) for index targets.
+        smoothing_style: "uniform" (PyTorch's) or "off_target" (see :func:`smooth_labels`).
+        focal_gamma: focusing parameter >= 0 for "focal".
+        weight: optional (C,) class weights >= 0; a buffer, moved to the logits' device when called.
+    """
+
+    def __init__(
+        self,
+        kind: str = "ce",
+        *,
+        num_classes: int,
+        label_smoothing: float = 0.0,
+        smoothing_style: str = "uniform",
+        focal_gamma: float = 2.0,
+        weight: Tensor | Sequence[float] | None = None,
+    ):
+        super().__init__()
+        _check_choice("kind", kind, LOSS_KINDS)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes={num_classes!r} must be an int >= 1")
+        _check_smoothing("label_smoothing", label_smoothing)
+        _check_choice("smoothing_style", smoothing_style, SMOOTHING_STYLES)
+        if label_smoothing and smoothing_style == "off_target" and num_classes < 2:
+            raise ValueError("smoothing_style='off_target' needs num_classes >= 2, got 1")
+        if not float(focal_gamma) >= 0.0:
+            raise ValueError(f"focal_gamma={focal_gamma!r} must be >= 0 (0 gives cross-entropy)")
+        self.kind, self.num_classes = kind, num_classes
+        self.label_smoothing, self.smoothing_style = float(label_smoothing), smoothing_style
+        self.focal_gamma = float(focal_gamma)
+        if weight is not None:
+            weight = torch.as_tensor(weight, dtype=torch.float32).detach().clone()
+            weight = _class_vector("weight", weight, num_classes, weight.device, torch.float32)
+        self.register_buffer("weight", weight)
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind!r}, num_classes={self.num_classes}, label_smoothing={self.label_smoothing}, "
+            f"smoothing_style={self.smoothing_style!r}, focal_gamma={self.focal_gamma}"
+        )
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Mean loss. logits: (N, C) float; target: (N,) int64 or (N, C) float. Returns a 0-d tensor."""
+        target, weight = self._prepare(logits, target)
+        return self._reduced(logits, target, weight, "mean")
+
+    def sums(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """(sum_i w_i l_i, sum_i w_i), two 0-d tensors in the loss's dtype (float32; float64 for float64
+        logits). The numerator carries the gradient; an empty batch gives (0, 0)."""
+        target, weight = self._prepare(logits, target)
+        numerator = self._reduced(logits, target, weight, "sum")
+        return numerator, _sample_weight_sum(target, weight, numerator.dtype)
+
+    def _prepare(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor | None]:
+        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"logits must have shape (N, {self.num_classes}) for num_classes={self.num_classes}, "
+                f"got {tuple(logits.shape)}"
+            )
+        weight = None if self.weight is None else self.weight.to(logits.device)
+        smooth_here = self.kind == "focal" or self.smoothing_style != "uniform"
+        if not target.is_floating_point() and self.label_smoothing and smooth_here:
+            target = smooth_labels(target, self.num_classes, self.label_smoothing, style=self.smoothing_style)
+        return target, weight
+
+    def _reduced(self, logits: Tensor, target: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
+        if self.kind == "focal":
+            return focal_loss(logits, target, gamma=self.focal_gamma, alpha=weight, reduction=reduction)
+        if target.is_floating_point():
+            return soft_target_cross_entropy(logits, target, weight=weight, reduction=reduction)
+        return label_smoothing_cross_entropy(
+            logits, target, smoothing=self.label_smoothing, weight=weight, reduction=reduction
+        )
+
+
+def _sample_weight_sum(target: Tensor, weight: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """sum_i w_i for (N,) index targets or (N, C) rows: (N,) work, or the (N, C) @ (C,) the mean does too."""
+    if target.is_floating_point():
+        if weight is None:
+            return torch.tensor(float(target.shape[0]), dtype=dtype, device=target.device)
+        return (target.to(dtype) @ weight.to(dtype)).sum()
+    valid = target != _IGNORE_INDEX
+    if weight is None:
+        return valid.sum().to(dtype)
+    return torch.where(valid, weight.to(dtype)[target.clamp_min(0)], 0.0).sum()
+
+
 # ---------------------------------------------------------------- class weights
 
 
