@@ -73,7 +73,7 @@ def test_mix_grid_decodes_like_the_loader(tmp_path):
 
 def test_mix_errors_name_the_input(tmp_path, capsys):
     assert main(["mix", "grid", str(tmp_path / "missing"), "--out", str(tmp_path / "m.png")]) == 2
-    assert "no such image file or folder" in capsys.readouterr().err
+    assert "no such file or folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["mix", "grid", str(tmp_path / "empty"), "--out", str(tmp_path / "m.png")]) == 2
     assert "no images" in capsys.readouterr().err

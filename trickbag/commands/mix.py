@@ -43,6 +43,9 @@ def image_files(inputs: list[str]) -> list[Path]:
     """The files of ``inputs`` (image files, or folders searched as ``trickbag.images.list_images`` does)."""
     from trickbag.images import list_images
 
+    missing = [name for name in inputs if not Path(name).exists()]
+    if missing:  # all of them at once, before any folder is searched
+        raise FileNotFoundError(f"no such file or folder: {' '.join(missing)}")
     return [Path(file) for name in inputs for file in list_images(name)]
 
 
