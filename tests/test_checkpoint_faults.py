@@ -162,21 +162,31 @@ def test_vanished_run_folder_is_a_clear_error(tmp_path):
     assert caught.value.errno == errno.ENOENT and "No earlier 'last' checkpoint exists" in str(caught.value)
 
 
-def test_read_failures_are_one_clear_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("verify", [True, False])
+def test_read_failures_are_one_clear_error(tmp_path, monkeypatch, verify):
     save(tmp_path, 1)
-    real = checkpoint_module.Path.read_bytes
 
-    def refuse(self):
-        if self.name == "model.safetensors":
-            raise PermissionError(errno.EACCES, "Permission denied", str(self))
-        return real(self)
+    def refuse(path, *args, **kwargs):
+        if os.path.basename(path) == "model.safetensors":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint_module.Path, "read_bytes", refuse)
+    monkeypatch.setattr(checkpoint_module, "open", refuse, raising=False)  # the hashing read
+    monkeypatch.setattr(checkpoint_module, "load_file", lambda path: refuse(path))  # safetensors' own read
     with pytest.raises(
         CheckpointReadError, match="model.safetensors: Permission denied; no permission"
     ) as caught:
-        load_checkpoint(tmp_path / "last")
+        load_checkpoint(tmp_path / "last", verify=verify)
     assert isinstance(caught.value, OSError) and caught.value.errno == errno.EACCES
+
+
+def test_state_read_failure_is_one_clear_error(tmp_path, monkeypatch):
+    save(tmp_path, 1)
+    (tmp_path / "last" / "state.pt").unlink()
+    (tmp_path / "last" / "state.pt").mkdir()  # reading a folder: IsADirectoryError, an OS-level failure
+    with pytest.raises(CheckpointReadError, match="state.pt: Is a directory") as caught:
+        load_checkpoint(tmp_path / "last")
+    assert caught.value.errno == errno.EISDIR
 
 
 # ------------------------------------------------------------------------------------- a real tiny file system

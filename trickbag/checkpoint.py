@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors_bytes
 
@@ -183,18 +182,23 @@ def _parse_meta(data: bytes, path: Path, verify: bool) -> dict[str, Any]:
     return meta
 
 
-def _check_file(path: Path, data: bytes, meta: dict[str, Any]) -> None:
-    """CheckpointCorruptError unless ``data`` (the bytes of ``path``) matches the sha256 meta.json recorded."""
+def _check_file(path: Path, meta: dict[str, Any]) -> None:
+    """CheckpointCorruptError unless the file at ``path`` matches the sha256 meta.json recorded for it."""
     record = meta["files"].get(path.name)
     if not isinstance(record, dict) or "sha256" not in record:
         raise CheckpointCorruptError(f"{path}: no checksum recorded for it in {META_FILE}", path)
-    expected, actual = record["sha256"], sha256_hex(data)
-    if actual != expected:
+    try:
+        with open(path, "rb") as handle:
+            actual = hashlib.file_digest(handle, "sha256").hexdigest()
+        size = path.stat().st_size
+    except OSError as error:
+        raise _read_error(path, error) from error
+    if actual != record["sha256"]:
         raise CheckpointCorruptError(
-            f"{path}: checksum mismatch (expected sha256 {expected}, got {actual}; {len(data)} bytes, "
+            f"{path}: checksum mismatch (expected sha256 {record['sha256']}, got {actual}; {size} bytes, "
             f"{record.get('bytes', '?')} written); the file was changed or corrupted after it was written",
             path,
-            expected,
+            record["sha256"],
             actual,
         )
 
@@ -403,20 +407,21 @@ def resolve_checkpoint(path: str | Path, default_kind: str = "best_metric") -> P
     )
 
 
+def _read_error(path: Path, error: OSError) -> CheckpointReadError:
+    hint = {
+        errno.EACCES: "; no permission to read it",
+        errno.ENOENT: "; it vanished while loading (deleted, or its disk unmounted?)",
+        errno.EIO: "; the disk reported an I/O error",
+    }.get(error.errno or 0, "")
+    message = f"could not read checkpoint file {path}: {error.strerror or error}{hint}"
+    return _from_os_error(CheckpointReadError, error, message)
+
+
 def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as error:
-        hint = {
-            errno.EACCES: "; no permission to read it",
-            errno.ENOENT: "; it vanished while loading (deleted, or its disk unmounted?)",
-            errno.EIO: "; the disk reported an I/O error",
-        }.get(error.errno or 0, "")
-        raise _from_os_error(
-            CheckpointReadError,
-            error,
-            f"could not read checkpoint file {path}: {error.strerror or error}{hint}",
-        ) from error
+        raise _read_error(path, error) from error
 
 
 def load_checkpoint(
@@ -426,7 +431,8 @@ def load_checkpoint(
 
     Weights come from safetensors; the training state through ``torch.load(weights_only=True)``, which refuses
     pickled objects other than tensors and plain containers — a tampered ``state.pt`` raises ValueError instead
-    of running its payload. Each file is read once, hashed and parsed from the same bytes. Checkpoints written
+    of running its payload. Each file is hashed before it is parsed (this guards against storage corruption, not
+    against a writer swapping files between the two reads). Checkpoints written
     before checksums existed (no ``files`` / ``meta_sha256`` in meta.json) load without verification.
     ``with_state=False`` neither reads nor verifies ``state.pt``.
 
@@ -439,31 +445,24 @@ def load_checkpoint(
     folder = resolve_checkpoint(path, default_kind)
     meta = _parse_meta(_read(folder / META_FILE), folder / META_FILE, verify)
     checked = verify and "files" in meta
-    weights_path = folder / WEIGHTS_FILE
-    if not checked and not weights_path.is_file():
+    weights_path, state_path = folder / WEIGHTS_FILE, folder / STATE_FILE
+    if (
+        checked
+    ):  # hashed by streaming, then parsed from the page cache: faster than parsing from bytes in memory
+        _check_file(weights_path, meta)
+        if with_state and STATE_FILE in meta["files"]:
+            _check_file(state_path, meta)
+    elif not weights_path.is_file():
         raise FileNotFoundError(f"checkpoint weights missing: {weights_path}")
     try:
-        if checked:
-            data = _read(weights_path)
-            _check_file(weights_path, data, meta)
-            weights = load_safetensors_bytes(data)
-        else:
-            weights = load_file(str(weights_path))
-    except CheckpointReadError:
-        raise
-    except CheckpointCorruptError:
-        raise
+        weights = load_file(str(weights_path))
+    except OSError as error:
+        raise _read_error(weights_path, error) from error
     except Exception as error:  # safetensors raises its own error types for truncated/corrupt files
-        raise CheckpointCorruptError(
-            f"{weights_path}: not a valid safetensors file ({error})", weights_path
-        ) from None
+        message = f"{weights_path}: not a valid safetensors file ({error})"
+        raise CheckpointCorruptError(message, weights_path) from None
     state: dict[str, Any] = {}
-    state_path = folder / STATE_FILE
-    if with_state and checked and STATE_FILE in meta["files"]:
-        data = _read(state_path)
-        _check_file(state_path, data, meta)
-        state = _load_state(io.BytesIO(data), state_path)
-    elif with_state and state_path.is_file():
+    if with_state and state_path.is_file():
         state = load_state_file(state_path)
     return Checkpoint(path=folder, weights=weights, state=state, meta=meta)
 
@@ -503,20 +502,18 @@ def find_good_checkpoint(run_dir: str | Path, kind: str = "last") -> tuple[Path 
     return None, problems
 
 
-def _load_state(source: str | Path | io.BytesIO, path: Path) -> dict[str, Any]:
+def load_state_file(path: str | Path) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)``; anything else than tensors/plain data -> ValueError."""
     try:
-        return torch.load(source, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise _read_error(Path(path), error) from error
     except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
             f"{path}: refused to load training state: it is not plain tensors/data "
             f"(loading it could run code). Details: {first_line}"
         ) from None
-
-
-def load_state_file(path: str | Path) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)``; anything else than tensors/plain data -> ValueError."""
-    return _load_state(path, Path(path))
 
 
 def _json_default(value: Any) -> Any:
