@@ -7,7 +7,6 @@ from torch import nn
 import trickbag.precision as precision_module
 from trickbag.optim import build_optimizer
 from trickbag.precision import Precision
-from trickbag.schedules import ScheduleConfig, Scheduler
 
 
 def make_model(seed=0):
@@ -72,12 +71,10 @@ def test_fp16_scaler_unscales_before_clipping(clip):
 
 
 @pytest.mark.parametrize("implementation", ["for_loop", "auto"])  # auto: fused on CPU with torch >= 2.4
-def test_skipped_fp16_step_returns_false_and_does_not_advance_scheduler(implementation):
+def test_skipped_fp16_step_returns_false_and_leaves_the_weights(implementation):
+    # (The trainer still advances the schedule after a skipped update: tests/test_train.py.)
     model = make_model()
     optimizer = build_optimizer("adamw", model.parameters(), lr=0.1, implementation=implementation)
-    scheduler = Scheduler(
-        optimizer, ScheduleConfig(kind="linear", end_factor=0.0), steps_per_epoch=4, epochs=1
-    )
     precision = Precision("fp16", "cpu")
     x, y = batches(1)[0]
 
@@ -88,8 +85,6 @@ def test_skipped_fp16_step_returns_false_and_does_not_advance_scheduler(implemen
         if poison:
             model[0].weight.grad[0, 0] = float("inf")
         stepped = precision.step(optimizer, clip_grad_norm=1.0)
-        if stepped:
-            scheduler.step()
         optimizer.zero_grad()
         return stepped
 
@@ -98,10 +93,8 @@ def test_skipped_fp16_step_returns_false_and_does_not_advance_scheduler(implemen
     assert one_update(poison=True) is False
     assert precision.scaler.get_scale() == scale / 2
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
-    assert scheduler.last_step == 0 and scheduler.get_last_lr() == [0.1]
     assert one_update(poison=False) is True
     assert not all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
-    assert scheduler.last_step == 1 and scheduler.get_last_lr() == pytest.approx([0.075])
 
 
 @pytest.mark.parametrize("policy,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])

@@ -66,7 +66,8 @@ class Precision:
             loss = loss_fn(model(x), y)
         precision.backward(loss)
         if precision.step(optimizer, clip_grad_norm=1.0):
-            scheduler.step()  # only when the update really happened
+            ema.update(model)  # only when the weights really changed
+        scheduler.step()  # every update, skipped or not, as torch's and timm's loops do
         optimizer.zero_grad(set_to_none=True)
     """
 
@@ -103,7 +104,8 @@ class Precision:
             parameters: the parameters whose norm is clipped; default: all of the optimizer's.
         Returns:
             True if the optimizer step really happened; False if the fp16 scaler skipped it because the
-            gradients had inf/NaN (then do not advance the LR schedule). Always True for fp32/bf16.
+            gradients had inf/NaN (trickbag's trainer then still advances the schedule but not the EMA).
+            Always True for fp32/bf16.
         """
         if clip_grad_norm is not None and not clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm must be > 0 or None, got {clip_grad_norm}")
