@@ -1,10 +1,12 @@
+import inspect
+
 import pytest
 import torch
 from pydantic import ValidationError
 from torch import nn
 
+from trickbag.config import OptimizerConfig, build_optimizer_from_config
 from trickbag.optim import (
-    OptimizerConfig,
     build_optimizer,
     choose_implementation,
     optimizer_from_config,
@@ -219,28 +221,54 @@ def test_build_optimizer_rejects_unknown_keywords():
         build_optimizer("sgd", [torch.zeros(1, requires_grad=True)], lr=0.1, dampening=0.1)
 
 
-def test_optimizer_from_config_scales_lr_and_groups():
+def test_build_optimizer_from_config_scales_lr_and_groups():
     net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     cfg = OptimizerConfig(name="sgd", lr=0.1, ref_batch_size=256, weight_decay=5e-4, nesterov=True)
-    optimizer = optimizer_from_config(net, cfg, effective_batch_size=512)
+    optimizer = build_optimizer_from_config(net, cfg, effective_batch_size=512)
     assert isinstance(optimizer, torch.optim.SGD)
-    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.2, 0.2])
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.2, 0.2])  # 0.1 * 512 / 256
     assert [g["weight_decay"] for g in optimizer.param_groups] == [5e-4, 0.0]
+    assert [len(g["params"]) for g in optimizer.param_groups] == [
+        1,
+        3,
+    ]  # Linear weight | bias, BN weight, BN bias
     assert optimizer.defaults["nesterov"] is True
-    unscaled = optimizer_from_config(
+    unscaled = build_optimizer_from_config(
         net, cfg.model_copy(update={"scale_lr": False}), effective_batch_size=512
     )
     assert unscaled.param_groups[0]["lr"] == 0.1
-    adamw = optimizer_from_config(net, OptimizerConfig(name="adamw", lr=1e-3, betas=(0.8, 0.95)), 128)
+    everything = build_optimizer_from_config(net, cfg.model_copy(update={"no_decay_bias_norm": False}), 256)
+    assert [len(g["params"]) for g in everything.param_groups] == [4]
+    adamw = build_optimizer_from_config(net, OptimizerConfig(name="adamw", lr=1e-3, betas=(0.8, 0.95)), 128)
     assert adamw.defaults["betas"] == (0.8, 0.95) and adamw.param_groups[0]["lr"] == pytest.approx(5e-4)
 
 
-def test_optimizer_from_config_validation():
+def test_compatibility_name_builds_the_same_optimizer():
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    cfg = OptimizerConfig(
+        name="adam", lr=0.2, ref_batch_size=64, weight_decay=0.01, betas=(0.5, 0.6), eps=1e-5
+    )
+    ours, new = optimizer_from_config(net, cfg, 32), build_optimizer_from_config(net, cfg, 32)
+    assert type(ours) is type(new) and ours.defaults == new.defaults
+    strip = [{k: v for k, v in g.items() if k != "params"} for g in ours.param_groups]
+    assert strip == [{k: v for k, v in g.items() if k != "params"} for g in new.param_groups]
+
+
+def test_build_optimizer_from_config_validation():
     net = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="effective_batch_size must be an int > 0"):
-        optimizer_from_config(net, OptimizerConfig(), effective_batch_size=0)
+        build_optimizer_from_config(net, OptimizerConfig(), effective_batch_size=0)
+    with pytest.raises(ValueError, match="effective_batch_size must be an int > 0"):
+        build_optimizer_from_config(net, OptimizerConfig(), effective_batch_size=True)
     with pytest.raises(TypeError, match="cfg must be an OptimizerConfig"):
-        optimizer_from_config(net, {"name": "sgd"}, effective_batch_size=8)
+        build_optimizer_from_config(net, {"name": "sgd"}, effective_batch_size=8)
+
+
+def test_optimizer_config_defaults_match_build_optimizer():
+    # The section's defaults for the arguments it passes through are build_optimizer's own.
+    parameters = inspect.signature(build_optimizer).parameters
+    for name in ("momentum", "nesterov", "betas", "eps", "implementation"):
+        assert OptimizerConfig.model_fields[name].default == parameters[name].default, name
 
 
 @pytest.mark.parametrize(

@@ -18,10 +18,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trickbag.optim import OptimizerConfig
-from trickbag.schedules import ScheduleConfig
+from trickbag.optim import build_optimizer, param_groups, scale_lr
+from trickbag.schedules import ScheduleKind, Scheduler, ScheduleSpec
+
+if typing.TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 class ConfigError(ValueError):
@@ -138,6 +142,103 @@ class DistillConfig(_Section):
 
 class LoggingConfig(_Section):
     tensorboard: bool = False
+
+
+class OptimizerConfig(_Section):
+    """The ``optimizer:`` section; :func:`build_optimizer_from_config` maps it onto ``trickbag.optim``.
+
+    ``lr`` is the learning rate per ``ref_batch_size`` images.
+    """
+
+    name: Literal["sgd", "adamw", "adam", "rmsprop"] = "sgd"
+    lr: float = Field(0.1, gt=0.0)  # per ref_batch_size images; scaled to the effective batch when scale_lr
+    ref_batch_size: int = Field(256, gt=0)
+    scale_lr: bool = True
+    weight_decay: float = Field(5e-4, ge=0.0)
+    no_decay_bias_norm: bool = True
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    implementation: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(f"betas must both be in [0, 1), got {list(betas)}")
+        return betas
+
+
+class ScheduleConfig(_Section):
+    """The ``schedule:`` section: the keyword arguments of ``trickbag.schedules.Scheduler``, same names and
+    defaults (:func:`build_scheduler`). Durations are in epochs, or in optimizer updates for ``*_steps``."""
+
+    kind: ScheduleKind = "cosine"
+    interval: Literal["update", "epoch"] = "update"
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_start_factor: float = Field(0.1, ge=0.0, le=1.0)  # warmup starts at this fraction of the LR
+    step_size: float | None = Field(None, gt=0.0)  # step: decay every step_size epochs
+    step_size_steps: int | None = Field(None, gt=0)
+    milestones: list[float] | None = None  # multistep: epochs at which the LR is multiplied by gamma
+    milestones_steps: list[int] | None = None
+    gamma: float = Field(0.1, gt=0.0)
+    eta_min: float = Field(0.0, ge=0.0)  # cosine / cosine_restarts: final LR (absolute)
+    t_0: float | None = Field(None, gt=0.0)  # cosine_restarts: length of the first cycle in epochs
+    t_0_steps: int | None = Field(None, gt=0)
+    t_mult: int = Field(1, ge=1)  # each cycle is t_mult times longer than the previous one
+    end_factor: float = Field(0.0, ge=0.0)  # linear: LR at the end of the run, as a fraction of the base LR
+    mode: Literal["min", "max"] = "min"  # plateau: whether the observed metric should go down or up
+    factor: float = Field(0.1, gt=0.0, lt=1.0)
+    patience: int = Field(10, ge=0)
+    threshold: float = Field(1e-4, ge=0.0)
+    threshold_mode: Literal["rel", "abs"] = "rel"
+    cooldown: int = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check_with_the_scheduler_rules(self) -> ScheduleConfig:
+        # The rules between fields (kind, durations, interval) live once, in trickbag.schedules; its
+        # ValueError lists every problem. A field at its default counts as not given, so dumps round-trip.
+        ScheduleSpec(**self.model_dump())
+        return self
+
+
+def build_optimizer_from_config(
+    model: nn.Module, cfg: OptimizerConfig, effective_batch_size: int
+) -> torch.optim.Optimizer:
+    """The optimizer of the ``optimizer:`` section for ``model``, with no-decay groups for biases and norms.
+
+    ``cfg.lr`` is scaled to ``effective_batch_size`` (micro-batch x accumulation steps x world size) when
+    ``cfg.scale_lr``.
+    """
+    if not isinstance(cfg, OptimizerConfig):
+        raise TypeError(f"cfg must be an OptimizerConfig, got {type(cfg).__name__}")
+    batch = effective_batch_size
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ValueError(f"effective_batch_size must be an int > 0, got {batch!r}")
+    lr = scale_lr(cfg.lr, batch, base_batch_size=cfg.ref_batch_size) if cfg.scale_lr else cfg.lr
+    return build_optimizer(
+        cfg.name,
+        param_groups(model, cfg.weight_decay, no_decay_bias_norm=cfg.no_decay_bias_norm),
+        lr=lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        implementation=cfg.implementation,
+    )
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, *, steps_per_epoch: int, epochs: int
+) -> Scheduler:
+    """The Scheduler of the ``schedule:`` section (its fields are the Scheduler's keyword arguments)."""
+    if not isinstance(cfg, ScheduleConfig):
+        raise TypeError(f"cfg must be a ScheduleConfig, got {type(cfg).__name__}")
+    return Scheduler(optimizer, **cfg.model_dump(), steps_per_epoch=steps_per_epoch, epochs=epochs)
 
 
 class Config(_Section):

@@ -1,7 +1,9 @@
 """Optimizers: parameter groups without weight decay on biases/norms, linear LR scaling, one builder.
 
 The config stores the learning rate **per ``ref_batch_size`` images** (airbench's "lr per 1024 examples"), and
-:func:`scale_lr` is the only place that converts it to the LR of the run's effective batch size.
+:func:`scale_lr` is the only place that converts it to the LR of the run's effective batch size. This module takes
+plain values only; the YAML ``optimizer:`` section (``trickbag.config.OptimizerConfig``) maps onto it with
+``trickbag.config.build_optimizer_from_config``.
 
 References:
     Goyal et al. 2017, "Accurate, Large Minibatch SGD" (linear scaling rule), https://arxiv.org/abs/1706.02677
@@ -14,7 +16,6 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 OPTIMIZER_NAMES = ("sgd", "adamw", "adam", "rmsprop")
@@ -186,54 +187,27 @@ def _tensors_of(params: list) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Config
+# Compatibility
 
 
-class OptimizerConfig(BaseModel):
-    """The ``optimizer:`` section. ``lr`` is the learning rate per ``ref_batch_size`` images."""
+def optimizer_from_config(model: nn.Module, cfg: Any, effective_batch_size: int) -> torch.optim.Optimizer:
+    """Compatibility name for ``trickbag.config.build_optimizer_from_config``; remove once nothing imports it.
 
-    model_config = ConfigDict(extra="forbid")
-
-    name: Literal["sgd", "adamw", "adam", "rmsprop"] = "sgd"
-    lr: float = Field(0.1, gt=0.0)  # per ref_batch_size images; scaled to the effective batch when scale_lr
-    ref_batch_size: int = Field(256, gt=0)
-    scale_lr: bool = True
-    weight_decay: float = Field(5e-4, ge=0.0)
-    no_decay_bias_norm: bool = True
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    nesterov: bool = False
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0.0)
-    implementation: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
-
-    @field_validator("betas")
-    @classmethod
-    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
-        if not all(0.0 <= beta < 1.0 for beta in betas):
-            raise ValueError(f"betas must both be in [0, 1), got {list(betas)}")
-        return betas
-
-
-def optimizer_from_config(
-    model: nn.Module, cfg: OptimizerConfig, effective_batch_size: int
-) -> torch.optim.Optimizer:
-    """Build the optimizer of ``cfg`` for ``model``; ``cfg.lr`` is scaled to ``effective_batch_size`` when
-    ``cfg.scale_lr`` (effective = micro-batch x accumulation steps x world size)."""
-    if not isinstance(cfg, OptimizerConfig):
-        raise TypeError(f"cfg must be an OptimizerConfig, got {type(cfg).__name__}")
+    ``cfg`` is any object with the fields of ``trickbag.config.OptimizerConfig``, so this module needs neither
+    pydantic nor trickbag.config.
+    """
     _check_positive_int("effective_batch_size", effective_batch_size)
-    lr = (
-        scale_lr(cfg.lr, effective_batch_size, base_batch_size=cfg.ref_batch_size) if cfg.scale_lr else cfg.lr
-    )
-    groups = param_groups(model, cfg.weight_decay, no_decay_bias_norm=cfg.no_decay_bias_norm)
+    lr = cfg.lr
+    if cfg.scale_lr:
+        lr = scale_lr(cfg.lr, effective_batch_size, base_batch_size=cfg.ref_batch_size)
     return build_optimizer(
         cfg.name,
-        groups,
+        param_groups(model, cfg.weight_decay, no_decay_bias_norm=cfg.no_decay_bias_norm),
         lr=lr,
         weight_decay=cfg.weight_decay,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov,
-        betas=cfg.betas,
+        betas=tuple(cfg.betas),
         eps=cfg.eps,
         implementation=cfg.implementation,
     )

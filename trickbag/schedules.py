@@ -1,8 +1,12 @@
 """Learning-rate schedules: constant, linear, step, multistep, cosine, SGDR restarts and reduce-on-plateau,
-each with an optional linear warmup.
+each with an optional linear warmup, from plain arguments.
 
 Schedules are pure: :func:`schedule_lr` maps an optimizer-update count to a learning rate, and
-:class:`Scheduler` is the one place that writes ``param_group["lr"]``. Calling contract of the Scheduler:
+:class:`Scheduler` is the one place that writes ``param_group["lr"]``::
+
+    scheduler = Scheduler(optimizer, "cosine", warmup_epochs=1, steps_per_epoch=390, epochs=30)
+
+Calling contract of the Scheduler:
 
 * ``step()`` once per optimizer update that really happened (not per micro-batch, and not when the fp16
   GradScaler skipped the update);
@@ -13,7 +17,7 @@ Schedules are pure: :func:`schedule_lr` maps an optimizer-update count to a lear
   boundaries of ``interval="epoch"`` by as many updates).
 
 Durations are given in epochs (``step_size``, ``milestones``, ``t_0``, ``warmup_epochs``) or in optimizer updates
-(the ``*_steps`` fields). With ``interval="update"`` the LR changes after every update; with
+(the ``*_steps`` arguments). With ``interval="update"`` the LR changes after every update; with
 ``interval="epoch"`` only at epoch boundaries, and without warmup the LRs then equal those of
 ``torch.optim.lr_scheduler.StepLR / MultiStepLR / CosineAnnealingLR / CosineAnnealingWarmRestarts /
 ReduceLROnPlateau`` stepped once per epoch.
@@ -21,6 +25,9 @@ ReduceLROnPlateau`` stepped once per epoch.
 Warmup multiplies the schedule by ``start + (1 - start) * t / warmup`` for ``t < warmup`` (``t`` in updates, or
 in epochs with ``interval="epoch"``); the main schedule keeps its absolute clock, so milestones stay where they
 are written and cosine still ends at the end of the run.
+
+This module takes plain values only; the YAML ``schedule:`` section (``trickbag.config.ScheduleConfig``) maps
+onto the same argument names with ``trickbag.config.build_scheduler``.
 
 References: Loshchilov & Hutter 2016, SGDR, https://arxiv.org/abs/1608.03983; Goyal et al. 2017 (warmup),
 https://arxiv.org/abs/1706.02677
@@ -31,15 +38,42 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
+import numbers
+import typing
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ScheduleKind = Literal["constant", "linear", "step", "multistep", "cosine", "cosine_restarts", "plateau"]
-
+SCHEDULE_KINDS: tuple[str, ...] = typing.get_args(ScheduleKind)
+_CHOICES = {
+    "kind": SCHEDULE_KINDS,
+    "interval": ("update", "epoch"),
+    "mode": ("min", "max"),
+    "threshold_mode": ("rel", "abs"),
+}
+# name: (test, what is allowed, must be an int, None allowed). NaN fails every test.
+_RANGES = {
+    "warmup_epochs": (lambda v: v >= 0, "a number >= 0", False, False),
+    "warmup_steps": (lambda v: v >= 0, "an int >= 0 or None", True, True),
+    "warmup_start_factor": (lambda v: 0 <= v <= 1, "a number in [0, 1]", False, False),
+    "step_size": (lambda v: v > 0, "a number > 0 or None", False, True),
+    "step_size_steps": (lambda v: v > 0, "an int > 0 or None", True, True),
+    "gamma": (lambda v: v > 0, "a number > 0", False, False),
+    "eta_min": (lambda v: v >= 0, "a number >= 0", False, False),
+    "t_0": (lambda v: v > 0, "a number > 0 or None", False, True),
+    "t_0_steps": (lambda v: v > 0, "an int > 0 or None", True, True),
+    "t_mult": (lambda v: v >= 1, "an int >= 1", True, False),
+    "end_factor": (lambda v: v >= 0, "a number >= 0", False, False),
+    "factor": (lambda v: 0 < v < 1, "a number in (0, 1)", False, False),
+    "patience": (lambda v: v >= 0, "an int >= 0", True, False),
+    "threshold": (lambda v: v >= 0, "a number >= 0", False, False),
+    "cooldown": (lambda v: v >= 0, "an int >= 0", True, False),
+    "min_lr": (lambda v: v >= 0, "a number >= 0", False, False),
+}
 _COMMON_FIELDS = {"kind", "interval", "warmup_epochs", "warmup_steps", "warmup_start_factor"}
 _KIND_FIELDS = {
     "constant": set(),
@@ -61,69 +95,112 @@ _PLATEAU_EPS = 1e-8  # torch's ReduceLROnPlateau default: reductions smaller tha
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Config
+# Arguments
 
 
-class ScheduleConfig(BaseModel):
-    """The ``schedule:`` section. Durations are in epochs, or in optimizer updates for ``*_steps`` fields."""
+@dataclasses.dataclass(frozen=True)
+class ScheduleSpec:
+    """Every argument of a schedule, checked on construction (all problems in one ValueError).
 
-    model_config = ConfigDict(extra="forbid")
+    The arguments of :class:`Scheduler` (names and defaults; see there). Durations are in epochs, or in
+    optimizer updates for the ``*_steps`` fields; milestones are stored as tuples.
+    """
 
-    kind: ScheduleKind = "cosine"
-    interval: Literal["update", "epoch"] = "update"
-    warmup_epochs: float = Field(0.0, ge=0.0)
-    warmup_steps: int | None = Field(None, ge=0)
-    warmup_start_factor: float = Field(0.1, ge=0.0, le=1.0)  # warmup starts at this fraction of the LR
-    step_size: float | None = Field(None, gt=0.0)  # step: decay every step_size epochs
-    step_size_steps: int | None = Field(None, gt=0)
-    milestones: list[float] | None = None  # multistep: epochs at which the LR is multiplied by gamma
-    milestones_steps: list[int] | None = None
-    gamma: float = Field(0.1, gt=0.0)
-    eta_min: float = Field(0.0, ge=0.0)  # cosine / cosine_restarts: final LR (absolute)
-    t_0: float | None = Field(None, gt=0.0)  # cosine_restarts: length of the first cycle in epochs
-    t_0_steps: int | None = Field(None, gt=0)
-    t_mult: int = Field(1, ge=1)  # each cycle is t_mult times longer than the previous one
-    end_factor: float = Field(0.0, ge=0.0)  # linear: LR at the end of the run, as a fraction of the base LR
-    mode: Literal["min", "max"] = "min"  # plateau: whether the observed metric should go down or up
-    factor: float = Field(0.1, gt=0.0, lt=1.0)
-    patience: int = Field(10, ge=0)
-    threshold: float = Field(1e-4, ge=0.0)
-    threshold_mode: Literal["rel", "abs"] = "rel"
-    cooldown: int = Field(0, ge=0)
-    min_lr: float = Field(0.0, ge=0.0)
+    kind: str = "cosine"
+    interval: str = "update"  # "update": the LR changes after every update; "epoch": at epoch boundaries
+    warmup_epochs: float = 0.0
+    warmup_steps: int | None = None
+    warmup_start_factor: float = 0.1  # warmup starts at this fraction of the LR
+    step_size: float | None = None  # step: decay every step_size epochs
+    step_size_steps: int | None = None
+    milestones: tuple[float, ...] | None = None  # multistep: epochs at which the LR is multiplied by gamma
+    milestones_steps: tuple[int, ...] | None = None
+    gamma: float = 0.1
+    eta_min: float = 0.0  # cosine / cosine_restarts: final LR (absolute)
+    t_0: float | None = None  # cosine_restarts: length of the first cycle in epochs
+    t_0_steps: int | None = None
+    t_mult: int = 1  # each cycle is t_mult times longer than the previous one
+    end_factor: float = 0.0  # linear: LR at the end of the run, as a fraction of the base LR
+    mode: str = "min"  # plateau: whether the observed metric should go down ("min") or up ("max")
+    factor: float = 0.1
+    patience: int = 10
+    threshold: float = 1e-4
+    threshold_mode: str = "rel"
+    cooldown: int = 0
+    min_lr: float = 0.0
 
-    @model_validator(mode="after")
-    def _check_fields_of_kind(self) -> ScheduleConfig:
-        problems = []
-        allowed = _COMMON_FIELDS | _KIND_FIELDS[self.kind]
-        for name in sorted(self.model_fields_set - allowed):
-            users = [kind for kind, fields in _KIND_FIELDS.items() if name in fields]
-            problems.append(
-                f"{name} does not apply to kind={self.kind!r} (it is used by kind {' / '.join(users)})"
-            )
-        if "warmup_epochs" in self.model_fields_set and self.warmup_steps is not None:
-            problems.append("give warmup_epochs or warmup_steps, not both")
-        if self.interval == "epoch":
-            for name in _UPDATE_FIELDS:
-                if getattr(self, name) is not None:
-                    problems.append(
-                        f"{name} counts optimizer updates but interval='epoch'; "
-                        f"use {name.removesuffix('_steps')} (epochs) or interval='update'"
-                    )
-        if self.kind in _DURATION_PAIRS:
-            in_epochs, in_steps = _DURATION_PAIRS[self.kind]
-            given = [name for name in (in_epochs, in_steps) if getattr(self, name) is not None]
-            if len(given) != 1:
-                problems.append(
-                    f"kind={self.kind!r} needs exactly one of {in_epochs} or {in_steps}, got {given}"
-                )
+    def __post_init__(self) -> None:
         for name in ("milestones", "milestones_steps"):
-            values = getattr(self, name)
-            if values is not None and (not values or min(values) <= 0):
-                problems.append(f"{name} must be a non-empty list of numbers > 0, got {values}")
+            value = getattr(self, name)
+            if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+                object.__setattr__(self, name, tuple(value))  # hashable, and safe from later edits
+        problems = schedule_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
-        return self
+
+
+SCHEDULE_DEFAULTS: dict[str, Any] = {field.name: field.default for field in dataclasses.fields(ScheduleSpec)}
+
+
+def schedule_problems(spec: Any) -> list[str]:
+    """Every problem of the schedule arguments in ``spec`` (any object with the ScheduleSpec attribute names).
+
+    Ranges and choices first, then the rules between arguments: an argument that does not apply to the kind
+    may only keep its default; exactly one of the epoch / update forms of a kind's duration; no update counts
+    with ``interval="epoch"``; milestones non-empty and > 0.
+    """
+    problems = []
+    for name, choices in _CHOICES.items():
+        value = getattr(spec, name)
+        if not isinstance(value, str) or value not in choices:
+            problems.append(f"{name}={value!r} is not one of {list(choices)}")
+    for name, (test, allowed, integer, optional) in _RANGES.items():
+        value = getattr(spec, name)
+        if value is None and optional:
+            continue
+        kind_ok = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(
+            value, bool
+        )
+        if not (kind_ok and math.isfinite(value) and test(value)):
+            problems.append(f"{name} must be {allowed}, got {value!r}")
+    if problems and any(problem.startswith(("kind=", "interval=")) for problem in problems):
+        return problems  # the rules below need a valid kind and interval
+
+    allowed_fields = _COMMON_FIELDS | _KIND_FIELDS[spec.kind]
+    for name in sorted(set(SCHEDULE_DEFAULTS) - allowed_fields):
+        if getattr(spec, name) != SCHEDULE_DEFAULTS[name]:  # a default is "not given", so dumps round-trip
+            users = [kind for kind, fields in _KIND_FIELDS.items() if name in fields]
+            problems.append(
+                f"{name} does not apply to kind={spec.kind!r} (it is used by kind {' / '.join(users)})"
+            )
+    if spec.warmup_epochs != 0 and spec.warmup_steps is not None:
+        problems.append("give warmup_epochs or warmup_steps, not both")
+    if spec.interval == "epoch":
+        for name in _UPDATE_FIELDS:
+            if getattr(spec, name) is not None:
+                problems.append(
+                    f"{name} counts optimizer updates but interval='epoch'; "
+                    f"use {name.removesuffix('_steps')} (epochs) or interval='update'"
+                )
+    if spec.kind in _DURATION_PAIRS:
+        in_epochs, in_steps = _DURATION_PAIRS[spec.kind]
+        given = [name for name in (in_epochs, in_steps) if getattr(spec, name) is not None]
+        if len(given) != 1:
+            problems.append(f"kind={spec.kind!r} needs exactly one of {in_epochs} or {in_steps}, got {given}")
+    for name, number_type in (("milestones", numbers.Real), ("milestones_steps", numbers.Integral)):
+        values = getattr(spec, name)
+        if values is None:
+            continue
+        if not (
+            isinstance(values, (list, tuple))
+            and values
+            and all(isinstance(v, number_type) and not isinstance(v, bool) for v in values)
+            and all(math.isfinite(v) and v > 0 for v in values)
+        ):
+            shown = list(values) if isinstance(values, (list, tuple)) else values
+            kind_of_number = "ints" if number_type is numbers.Integral else "numbers"
+            problems.append(f"{name} must be a non-empty list of {kind_of_number} > 0, got {shown}")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,7 +209,7 @@ class ScheduleConfig(BaseModel):
 
 @dataclasses.dataclass(frozen=True)
 class ResolvedSchedule:
-    """A ScheduleConfig with every duration converted to its clock: updates, or epochs if ``per_epoch``."""
+    """A ScheduleSpec with every duration converted to its clock: updates, or epochs if ``per_epoch``."""
 
     kind: str
     steps_per_epoch: int
@@ -149,14 +226,14 @@ class ResolvedSchedule:
     end_factor: float = 0.0
 
 
-def resolve_schedule(cfg: ScheduleConfig, *, steps_per_epoch: int, epochs: int) -> ResolvedSchedule:
-    """Convert the durations of ``cfg`` to the clock of its interval (updates or epochs)."""
-    if not isinstance(cfg, ScheduleConfig):
-        raise TypeError(f"cfg must be a ScheduleConfig, got {type(cfg).__name__}")
+def resolve_schedule(spec: ScheduleSpec, *, steps_per_epoch: int, epochs: int) -> ResolvedSchedule:
+    """Convert the durations of ``spec`` to the clock of its interval (updates or epochs)."""
+    if not isinstance(spec, ScheduleSpec):
+        raise TypeError(f"spec must be a ScheduleSpec, got {type(spec).__name__}")
     for name, value in (("steps_per_epoch", steps_per_epoch), ("epochs", epochs)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    per_epoch = cfg.interval == "epoch"
+    per_epoch = spec.interval == "epoch"
     scale = 1 if per_epoch else steps_per_epoch
 
     def duration(in_epochs: float | None, in_steps: int | None, minimum: int = 1) -> float:
@@ -167,24 +244,24 @@ def resolve_schedule(cfg: ScheduleConfig, *, steps_per_epoch: int, epochs: int) 
         # Per-update clocks count whole updates; per-epoch clocks may keep fractional epochs.
         return in_epochs if per_epoch else max(minimum, round(in_epochs * scale))
 
-    if cfg.milestones_steps is not None:
-        milestones = tuple(sorted(cfg.milestones_steps))
+    if spec.milestones_steps is not None:
+        milestones = tuple(sorted(spec.milestones_steps))
     else:
-        milestones = tuple(sorted(duration(m, None) for m in cfg.milestones or ()))
+        milestones = tuple(sorted(duration(m, None) for m in spec.milestones or ()))
     return ResolvedSchedule(
-        kind=cfg.kind,
+        kind=spec.kind,
         steps_per_epoch=steps_per_epoch,
         per_epoch=per_epoch,
         total=epochs * scale,
-        warmup=duration(cfg.warmup_epochs, cfg.warmup_steps, minimum=0),
-        warmup_start_factor=cfg.warmup_start_factor,
-        step_size=duration(cfg.step_size, cfg.step_size_steps),
+        warmup=duration(spec.warmup_epochs, spec.warmup_steps, minimum=0),
+        warmup_start_factor=spec.warmup_start_factor,
+        step_size=duration(spec.step_size, spec.step_size_steps),
         milestones=milestones,
-        gamma=cfg.gamma,
-        eta_min=cfg.eta_min,
-        t_0=duration(cfg.t_0, cfg.t_0_steps),
-        t_mult=cfg.t_mult,
-        end_factor=cfg.end_factor,
+        gamma=spec.gamma,
+        eta_min=spec.eta_min,
+        t_0=duration(spec.t_0, spec.t_0_steps),
+        t_mult=spec.t_mult,
+        end_factor=spec.end_factor,
     )
 
 
@@ -244,35 +321,35 @@ class PlateauState:
     num_observations: int = 0
 
 
-def plateau_start(cfg: ScheduleConfig, base_lrs: list[float]) -> PlateauState:
+def plateau_start(spec: ScheduleSpec, base_lrs: list[float]) -> PlateauState:
     return PlateauState(
-        lrs=tuple(float(lr) for lr in base_lrs), best=math.inf if cfg.mode == "min" else -math.inf
+        lrs=tuple(float(lr) for lr in base_lrs), best=math.inf if spec.mode == "min" else -math.inf
     )
 
 
-def plateau_is_better(metric: float, best: float, cfg: ScheduleConfig) -> bool:
-    if cfg.mode == "min":
+def plateau_is_better(metric: float, best: float, spec: ScheduleSpec) -> bool:
+    if spec.mode == "min":
         return metric < (
-            best * (1.0 - cfg.threshold) if cfg.threshold_mode == "rel" else best - cfg.threshold
+            best * (1.0 - spec.threshold) if spec.threshold_mode == "rel" else best - spec.threshold
         )
-    return metric > (best * (1.0 + cfg.threshold) if cfg.threshold_mode == "rel" else best + cfg.threshold)
+    return metric > (best * (1.0 + spec.threshold) if spec.threshold_mode == "rel" else best + spec.threshold)
 
 
-def plateau_observe(state: PlateauState, metric: float, cfg: ScheduleConfig) -> PlateauState:
+def plateau_observe(state: PlateauState, metric: float, spec: ScheduleSpec) -> PlateauState:
     """The state after one evaluation with value ``metric`` (same rules as ReduceLROnPlateau.step).
 
     A NaN metric counts as "not better", as in torch.
     """
     metric = float(metric)
     best, num_bad, cooldown, lrs = state.best, state.num_bad_epochs + 1, state.cooldown_counter, state.lrs
-    if plateau_is_better(metric, best, cfg):
+    if plateau_is_better(metric, best, spec):
         best, num_bad = metric, 0
     if cooldown > 0:
         cooldown, num_bad = cooldown - 1, 0  # bad epochs during cooldown do not count
-    if num_bad > cfg.patience:
-        reduced = [max(lr * cfg.factor, cfg.min_lr) for lr in lrs]
+    if num_bad > spec.patience:
+        reduced = [max(lr * spec.factor, spec.min_lr) for lr in lrs]
         lrs = tuple(new if old - new > _PLATEAU_EPS else old for old, new in zip(lrs, reduced))
-        cooldown, num_bad = cfg.cooldown, 0
+        cooldown, num_bad = spec.cooldown, 0
     return PlateauState(lrs, best, num_bad, cooldown, state.num_observations + 1)
 
 
@@ -281,23 +358,77 @@ def plateau_observe(state: PlateauState, metric: float, cfg: ScheduleConfig) -> 
 
 
 class Scheduler:
-    """Drives an optimizer's learning rates with a :class:`ScheduleConfig` (calling contract: module docstring).
+    """Drives an optimizer's learning rates (calling contract: module docstring).
 
     Each param group keeps its own base LR (its ``initial_lr``, else its ``lr`` at construction).
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``; build the Scheduler after its last ``add_param_group``.
+        kind: "constant", "linear", "step", "multistep", "cosine", "cosine_restarts" or "plateau".
+        steps_per_epoch: optimizer updates per epoch (not micro-batches), ``>= 1``.
+        epochs: length of the run, ``>= 1``; cosine and linear end there.
+        interval: "update" (the LR changes after every update) or "epoch" (at epoch boundaries only, as torch's
+            schedulers stepped once per epoch).
+        warmup_epochs / warmup_steps: linear warmup length, in epochs or in updates (give at most one).
+        warmup_start_factor: the warmup starts at this fraction of the LR, in [0, 1].
+        step_size / step_size_steps: step: multiply by ``gamma`` every this many epochs / updates (exactly one).
+        milestones / milestones_steps: multistep: multiply by ``gamma`` at these epochs / updates (exactly one).
+        gamma: step / multistep decay factor, ``> 0``.
+        eta_min: cosine / cosine_restarts: final absolute LR, ``>= 0``.
+        t_0 / t_0_steps: cosine_restarts: first cycle length in epochs / updates (exactly one).
+        t_mult: cosine_restarts: each cycle is ``t_mult`` times longer than the previous one, int ``>= 1``.
+        end_factor: linear: LR at the end of the run as a fraction of the base LR, ``>= 0``.
+        mode, factor, patience, threshold, threshold_mode, cooldown, min_lr: plateau, as torch's
+            ReduceLROnPlateau (``mode="min"`` for a loss, "max" for an accuracy).
+
+    An argument that does not apply to ``kind`` must keep its default. Problems raise one ValueError that
+    lists all of them.
     """
 
     def __init__(
-        self, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, *, steps_per_epoch: int, epochs: int
+        self,
+        optimizer: torch.optim.Optimizer,
+        kind: str = "cosine",
+        *,
+        steps_per_epoch: int,
+        epochs: int,
+        interval: str = "update",
+        warmup_epochs: float = 0.0,
+        warmup_steps: int | None = None,
+        warmup_start_factor: float = 0.1,
+        step_size: float | None = None,
+        step_size_steps: int | None = None,
+        milestones: Iterable[float] | None = None,
+        milestones_steps: Iterable[int] | None = None,
+        gamma: float = 0.1,
+        eta_min: float = 0.0,
+        t_0: float | None = None,
+        t_0_steps: int | None = None,
+        t_mult: int = 1,
+        end_factor: float = 0.0,
+        mode: str = "min",
+        factor: float = 0.1,
+        patience: int = 10,
+        threshold: float = 1e-4,
+        threshold_mode: str = "rel",
+        cooldown: int = 0,
+        min_lr: float = 0.0,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(kind, str):
+            raise TypeError(
+                f"kind must be a schedule name such as 'cosine', got {type(kind).__name__}; to build from a "
+                "ScheduleConfig use trickbag.config.build_scheduler"
+            )
+        arguments = locals()  # every argument below the optimizer and run length is a ScheduleSpec field
+        self.spec = ScheduleSpec(**{name: arguments[name] for name in SCHEDULE_DEFAULTS})
         self.optimizer = optimizer
-        self.config = cfg
-        self.schedule = resolve_schedule(cfg, steps_per_epoch=steps_per_epoch, epochs=epochs)
+        self.schedule = resolve_schedule(self.spec, steps_per_epoch=steps_per_epoch, epochs=epochs)
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         self.base_lrs = [float(group["initial_lr"]) for group in optimizer.param_groups]
-        self.plateau = plateau_start(cfg, self.base_lrs) if cfg.kind == "plateau" else None
+        self.plateau = plateau_start(self.spec, self.base_lrs) if kind == "plateau" else None
         self.last_step = 0  # optimizer updates done so far
         self._apply()
 
@@ -318,7 +449,7 @@ class Scheduler:
     def observe(self, metric: float) -> None:
         """Call after each evaluation; only kind="plateau" uses the value."""
         if self.plateau is not None:
-            self.plateau = plateau_observe(self.plateau, metric, self.config)
+            self.plateau = plateau_observe(self.plateau, metric, self.spec)
             self._apply()
 
     def get_last_lr(self) -> list[float]:
@@ -341,16 +472,16 @@ class Scheduler:
         if plateau is not None:
             plateau["lrs"] = list(plateau["lrs"])
         return {
-            "kind": self.config.kind,
+            "kind": self.spec.kind,
             "last_step": self.last_step,
             "base_lrs": list(self.base_lrs),
             "plateau": plateau,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != self.config.kind:
+        if state.get("kind") != self.spec.kind:
             raise ValueError(
-                f"scheduler state is for kind={state.get('kind')!r}, this scheduler is {self.config.kind!r}"
+                f"scheduler state is for kind={state.get('kind')!r}, this scheduler is {self.spec.kind!r}"
             )
         if len(state["base_lrs"]) != len(self.base_lrs):
             raise ValueError(
@@ -364,9 +495,14 @@ class Scheduler:
 
 
 def scheduler_from_config(
-    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, *, steps_per_epoch: int, epochs: int
+    optimizer: torch.optim.Optimizer, cfg: Any, *, steps_per_epoch: int, epochs: int
 ) -> Scheduler:
-    return Scheduler(optimizer, cfg, steps_per_epoch=steps_per_epoch, epochs=epochs)
+    """Compatibility name for ``trickbag.config.build_scheduler``; remove once nothing imports it.
+
+    ``cfg`` is any object with a ``model_dump()`` of Scheduler arguments (a ScheduleConfig), so this module
+    needs neither pydantic nor trickbag.config.
+    """
+    return Scheduler(optimizer, **cfg.model_dump(), steps_per_epoch=steps_per_epoch, epochs=epochs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -374,26 +510,31 @@ def scheduler_from_config(
 
 
 def lr_curve(
-    cfg: ScheduleConfig,
+    kind: str = "cosine",
     *,
     base_lr: float,
     steps_per_epoch: int,
     epochs: int,
     metrics: list[float] | None = None,
+    **schedule: Any,
 ) -> list[float]:
     """The LR of every optimizer update of a run (``epochs * steps_per_epoch`` values), for plotting.
 
-    ``metrics`` (plateau only): one evaluation per epoch, observed at the end of that epoch.
+    Args:
+        kind, **schedule: the schedule, as the arguments of :class:`Scheduler` (an unknown name is a
+            TypeError from Scheduler).
+        base_lr: the optimizer's LR, ``> 0``.
+        metrics: plateau only: one evaluation per epoch, observed at the end of that epoch.
     """
     if not base_lr > 0:
         raise ValueError(f"base_lr must be > 0, got {base_lr}")
-    if metrics is not None and cfg.kind != "plateau":
-        raise ValueError(f"metrics only apply to kind='plateau', got kind={cfg.kind!r}")
+    if metrics is not None and kind != "plateau":
+        raise ValueError(f"metrics only apply to kind='plateau', got kind={kind!r}")
     if metrics is not None and len(metrics) > epochs:
         raise ValueError(f"metrics has {len(metrics)} values but there are only epochs={epochs}")
     # A one-parameter optimizer, so the curve goes through exactly the code a training run uses.
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)
-    scheduler = Scheduler(optimizer, cfg, steps_per_epoch=steps_per_epoch, epochs=epochs)
+    scheduler = Scheduler(optimizer, kind, steps_per_epoch=steps_per_epoch, epochs=epochs, **schedule)
     lrs = []
     for epoch in range(epochs):
         for _ in range(steps_per_epoch):

@@ -61,9 +61,8 @@ def load_schedule_setup(args: argparse.Namespace) -> dict[str, Any]:
     import yaml
     from pydantic import ValidationError
 
-    from trickbag.config import Config
-    from trickbag.optim import OptimizerConfig, scale_lr
-    from trickbag.schedules import ScheduleConfig
+    from trickbag.config import Config, OptimizerConfig, ScheduleConfig
+    from trickbag.optim import scale_lr
 
     path: Path = args.config
     if not path.is_file():
@@ -148,8 +147,9 @@ def _parse_metrics(text: str | None) -> list[float] | None:
 def _curve(setup: dict[str, Any]) -> list[float]:
     from trickbag.schedules import lr_curve
 
+    # The section's fields are the Scheduler's keyword arguments (as trickbag.config.build_scheduler maps them).
     return lr_curve(
-        setup["schedule"],
+        **setup["schedule"].model_dump(),
         base_lr=setup["base_lr"],
         steps_per_epoch=setup["steps_per_epoch"],
         epochs=setup["epochs"],
