@@ -1,13 +1,25 @@
 """Exponential moving average of model weights (Polyak averaging), evaluated instead of the raw weights.
 
-``ema = decay * ema + (1 - decay) * weights`` after every optimizer update. Buffers (BatchNorm running
-statistics, ``num_batches_tracked``) are copied, not averaged: integer buffers cannot be averaged, and the
-running statistics are already an average of their own.
+``ema = d * ema + (1 - d) * weights`` after every optimizer update, for the floating-point parameters that train
+(``requires_grad=True``). Everything else is copied from the model at each update, not averaged:
+
+* frozen parameters: a frozen backbone, or a stem set from data (e.g. a whitening layer initialised from the first
+  batch) would otherwise be blended with its random initial value for thousands of updates;
+* buffers (BatchNorm running statistics, ``num_batches_tracked``): integer buffers cannot be averaged, and the
+  running statistics are already an average of their own.
+
+With ``warmup=True`` the decay of update ``n`` (0-based: ``n`` updates came before it) is
+``d = min(decay, (1 + n) / (10 + n))``, the ``num_updates`` rule of TensorFlow's ``ExponentialMovingAverage``
+(https://www.tensorflow.org/api_docs/python/tf/train/ExponentialMovingAverage): the first update keeps only 10 %
+of the initial weights, so a short run does not evaluate mostly-initial weights (with ``decay=0.999`` a fixed
+decay still holds 37 % of them after 1000 updates).
 """
 
 from __future__ import annotations
 
 import copy
+import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,30 +34,94 @@ def ema_update(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], dec
         torch._foreach_lerp_(ema_tensors, tensors, 1.0 - decay)
 
 
+def warmup_decay(decay: float, updates: int) -> float:
+    """The decay of the update that follows ``updates`` earlier ones: ``min(decay, (1 + n) / (10 + n))``."""
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
+def warmup_length(decay: float) -> int:
+    """The number of updates after which :func:`warmup_decay` is ``decay`` itself."""
+    # (1 + n) / (10 + n) >= decay  <=>  n >= (10 * decay - 1) / (1 - decay); the loop absorbs float rounding.
+    updates = max(0, math.ceil((10.0 * decay - 1.0) / (1.0 - decay)) - 1)
+    while warmup_decay(decay, updates) < decay:
+        updates += 1
+    return updates
+
+
 class ModelEMA:
-    """A frozen copy of ``model`` whose float parameters track an EMA of the training weights.
+    """A frozen copy of ``model`` whose trainable float parameters track an EMA of the training weights.
 
     Args:
-        model: the model being trained (deep-copied once).
+        model: the model being trained (deep-copied once; ``module`` is the averaged copy, in eval mode).
         decay: in (0, 1); 0.999 averages over roughly the last 1000 updates.
+        warmup: start with a low decay that rises to ``decay`` (module docstring); False uses ``decay`` from the
+            first update.
     """
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        if not 0.0 < decay < 1.0:
+    def __init__(self, model: nn.Module, decay: float, *, warmup: bool = True) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
             raise ValueError(f"ema decay={decay!r} must be in (0, 1)")
+        if not isinstance(warmup, bool):
+            raise TypeError(f"warmup must be True or False, got {warmup!r}")
         self.decay = float(decay)
+        self.warmup = warmup
+        self.updates = 0  # optimizer updates averaged so far
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @property
+    def current_decay(self) -> float:
+        """The decay the next :meth:`update` will use."""
+        return warmup_decay(self.decay, self.updates) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        ema_params = [p for p in self.module.parameters() if p.dtype.is_floating_point]
-        params = [p.detach() for p in model.parameters() if p.dtype.is_floating_point]
-        ema_update(ema_params, params, self.decay)
-        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
-            ema_buffer.copy_(buffer)
+        """Call after each optimizer update that really happened, with the model being trained."""
+        averaged, targets, copied, sources = [], [], [], []
+        # The training model's flags decide: the EMA copy itself is all requires_grad=False.
+        for ema_tensor, tensor in _pairs(
+            self.module.named_parameters(), model.named_parameters(), "parameter"
+        ):
+            if tensor.requires_grad and tensor.dtype.is_floating_point:
+                averaged.append(ema_tensor)
+                targets.append(tensor.detach())
+            else:
+                copied.append(ema_tensor)
+                sources.append(tensor)
+        for ema_tensor, tensor in _pairs(self.module.named_buffers(), model.named_buffers(), "buffer"):
+            copied.append(ema_tensor)
+            sources.append(tensor)
+        ema_update(averaged, targets, self.current_decay)
+        for ema_tensor, tensor in zip(copied, sources):
+            ema_tensor.copy_(tensor)
+        self.updates += 1
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {key: value.detach().clone() for key, value in self.module.state_dict().items()}
+    def state_dict(self) -> dict[str, Any]:
+        """``{"module": averaged weights and buffers, "updates": int}``, loadable with ``weights_only=True``."""
+        module = {key: value.detach().clone() for key, value in self.module.state_dict().items()}
+        return {"module": module, "updates": self.updates}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(state)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`, or an older bare module state dict (its warm-up is taken as over)."""
+        if isinstance(state.get("module"), dict):
+            updates = state.get("updates")
+            if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
+                raise ValueError(f"EMA state 'updates' must be an int >= 0, got {updates!r}")
+            self.module.load_state_dict(state["module"])
+            self.updates = updates
+        else:
+            self.module.load_state_dict(state)
+            self.updates = warmup_length(self.decay)
+
+
+def _pairs(ema_named, named, what: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    ema_named, named = list(ema_named), list(named)
+    ema_names, names = [name for name, _ in ema_named], [name for name, _ in named]
+    if ema_names != names:
+        differing = sorted(set(ema_names) ^ set(names))[:5]
+        raise ValueError(
+            f"the model's {what}s do not match the EMA copy's (differing names: {differing}); "
+            "pass the model the ModelEMA was built from"
+        )
+    return [(ema_tensor, tensor) for (_, ema_tensor), (_, tensor) in zip(ema_named, named)]
