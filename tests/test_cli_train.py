@@ -177,7 +177,8 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
 
 def test_train_errors_are_clear(tmp_path, capsys):
     assert run_cli("train", str(tmp_path / "missing.yaml")) == 2
-    assert "config file not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "missing.yaml': no such file, and no packaged recipe" in err and "digits" in err
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: 2\noptimiser:\n  lr: 0.1\n")
     assert run_cli("train", str(bad)) == 2

@@ -30,8 +30,10 @@ COMMAND_MODULES = (
 )
 
 EPILOG = """examples:
-  trickbag train recipes/digits.yaml                 train the embedded default (no download)
-  trickbag train recipes/cifar10_fast.yaml data.root=/data/cifar10 epochs=10
+  trickbag train                                     train the embedded default, digits (no download)
+  trickbag recipes                                   the packaged recipes, one line each
+  trickbag train cifar10_fast data.root=/data/cifar10 epochs=10
+  trickbag train my_recipe.yaml                      any YAML config file
   trickbag resume runs/digits-001                    continue a stopped run
   trickbag predict runs/digits-001/best_metric IMAGES --out predictions.csv
   trickbag inspect /data/cifar10/train               class balance and which metric to trust

@@ -1,4 +1,7 @@
-"""``trickbag train CONFIG [key.sub=value ...]``: train a classifier from a YAML config.
+"""``trickbag train [CONFIG] [key.sub=value ...]``: train a classifier from a recipe name or a YAML file.
+
+CONFIG is a packaged recipe name (``trickbag recipes`` lists them) or a YAML path; without it the embedded
+default (digits) runs, and the command says so.
 
 Nothing heavy is imported at module level (``trickbag --help`` stays fast); the handler imports torch and the
 rest of trickbag when it runs. The wiring from a config to the trainer's parts lives in ``trickbag.run``.
@@ -7,14 +10,19 @@ rest of trickbag when it runs. The wiring from a config to the trainer's parts l
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from trickbag.commands._common import fit_and_summarize
+from trickbag.recipe_files import DEFAULT_RECIPE, recipe_path
 from trickbag.run import build_run, new_run_dir
 
 EPILOG = """examples:
-  trickbag train recipes/digits.yaml                         the embedded default (sklearn digits, ~10 s on CPU)
-  trickbag train recipes/digits.yaml epochs=3 optimizer.lr=0.2 name=quick
-  trickbag train recipes/cifar10_fast.yaml data.root=/data/cifar10 precision=bf16
+  trickbag train                                             the embedded default, digits (~10 s on CPU)
+  trickbag train digits epochs=3 optimizer.lr=0.2 name=quick a packaged recipe by name (trickbag recipes)
+  trickbag train recipes/digits.yaml                         a YAML file (a path that exists wins over a name)
+  trickbag train cifar10_fast data.root=/data/cifar10 precision=bf16
+  trickbag train epochs=3                                    the default recipe with overrides
   trickbag train --resume runs/digits-001                    same as `trickbag resume runs/digits-001`
 
 A run folder runs/<name>-NNN/ gets config.yaml, train.log, metrics.csv and the checkpoints
@@ -28,9 +36,13 @@ def register(subparsers) -> None:
         help="train a classifier from a YAML config",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
-        description="Train a classifier from a YAML config, with key.sub=value overrides.",
+        description="Train a classifier from a packaged recipe or a YAML config, with key.sub=value overrides.",
     )
-    parser.add_argument("config", nargs="?", help="YAML config (e.g. recipes/digits.yaml)")
+    parser.add_argument(
+        "config",
+        nargs="?",
+        help=f"recipe name (e.g. digits; see trickbag recipes) or YAML file; default: {DEFAULT_RECIPE}",
+    )
     # REMAINDER so that options may also follow the overrides (`train cfg.yaml epochs=3 --quiet`).
     parser.add_argument(
         "overrides", nargs=argparse.REMAINDER, help="key.sub=value overrides, e.g. epochs=5 optimizer.lr=0.2"
@@ -75,8 +87,15 @@ def handle_train(args) -> int:
         if args.config or args.overrides:
             raise ValueError("--resume takes no CONFIG or overrides: the run's own config.yaml is used")
         return resume_run(args.resume, quiet=args.quiet)
+    if args.config and "=" in args.config and not Path(args.config).exists():
+        args.overrides.insert(0, args.config)  # `trickbag train epochs=3`: an override, not a CONFIG
+        args.config = None
     if not args.config:
-        raise ValueError("trickbag train needs a CONFIG file (e.g. recipes/digits.yaml) or --resume RUN_DIR")
-    cfg = load_config(args.config, args.overrides)
+        print(
+            f"trickbag train: no CONFIG given: training the embedded default recipe {DEFAULT_RECIPE!r}",
+            file=sys.stderr,
+        )
+        args.config = DEFAULT_RECIPE
+    cfg = load_config(recipe_path(args.config), args.overrides)
     run = build_run(cfg, new_run_dir(cfg.output_dir, cfg.name), quiet=args.quiet)
     return fit_and_summarize(run)
