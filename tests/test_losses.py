@@ -760,7 +760,7 @@ def test_accelerator_path_without_host_checks_gives_same_values(monkeypatch):
     alpha = torch.linspace(0.5, 2.0, 5, dtype=torch.float64)
     all_valid = target.clamp_min(0)
     expected = [focal_loss(logits, target, alpha=alpha), focal_loss(logits, all_valid, gamma=0.5)]
-    monkeypatch.setattr("trickbag.losses._on_host", lambda tensor: False)
+    monkeypatch.setattr("trickbag.loss_inputs._on_host", lambda tensor: False)
     torch.testing.assert_close(focal_loss(logits, target, alpha=alpha), expected[0])
     torch.testing.assert_close(focal_loss(logits, all_valid, gamma=0.5), expected[1])
     torch.testing.assert_close(focal_loss(logits, all_valid, gamma=0.0), F.cross_entropy(logits, all_valid))
