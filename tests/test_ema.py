@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from trickbag.ema import ModelEMA, ema_update, warmup_decay, warmup_length
+from trickbag.ema import UPDATES_KEY, ModelEMA, ema_update, warmup_decay, warmup_length
 
 
 class Whitened(nn.Module):
@@ -132,7 +132,7 @@ def test_state_round_trip_continues_the_same_average():
     torch.save(first.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    assert state["updates"] == 3 and set(state) == {"module", "updates"}
+    assert state[UPDATES_KEY].item() == 3 and set(state) == {*resumed_model.state_dict(), UPDATES_KEY}
 
     resumed = ModelEMA(resumed_model, 0.95)  # built from the already-trained model, as after a restart
     resumed.load_state_dict(state)
@@ -146,8 +146,8 @@ def test_state_round_trip_continues_the_same_average():
 def test_state_dict_is_a_copy():
     averaged = ModelEMA(make_model(), 0.9)
     state = averaged.state_dict()
-    state["module"]["head.weight"].add_(1.0)
-    assert not torch.equal(state["module"]["head.weight"], averaged.module.head.weight)
+    state["head.weight"].add_(1.0)
+    assert not torch.equal(state["head.weight"], averaged.module.head.weight)
 
 
 def test_old_state_without_update_count_loads_with_warmup_over():
@@ -182,7 +182,15 @@ def test_invalid_arguments():
     averaged = ModelEMA(model, 0.9)
     with pytest.raises(ValueError, match="pass the model the ModelEMA was built from"):
         averaged.update(nn.Linear(4, 3))
-    with pytest.raises(ValueError, match="'updates' must be an int >= 0"):
-        averaged.load_state_dict({"module": averaged.state_dict()["module"], "updates": -1})
+    state = averaged.state_dict()
+    with pytest.raises(ValueError, match="'ema_updates' must be >= 0, got -1"):
+        averaged.load_state_dict({**state, UPDATES_KEY: torch.tensor(-1)})
+    with pytest.raises(ValueError, match="'ema_updates' must be a one-element integer tensor"):
+        averaged.load_state_dict({**state, UPDATES_KEY: torch.tensor(2.5)})
     with pytest.raises(RuntimeError, match="Missing key"):
-        averaged.load_state_dict({"module": {}, "updates": 0})
+        averaged.load_state_dict({UPDATES_KEY: torch.tensor(0)})
+    assert averaged.updates == 0  # nothing half-loaded
+    clash = nn.Linear(2, 2)
+    clash.register_buffer(UPDATES_KEY, torch.zeros(()))
+    with pytest.raises(ValueError, match="own state key 'ema_updates'"):
+        ModelEMA(clash, 0.9)

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
 
 import torch
 from torch import nn
+
+# The update count's key in state_dict(), next to the module's own keys: the state stays a flat dict of tensors
+# (loads with weights_only=True, compares key by key). A model with a state key of this name is refused.
+UPDATES_KEY = "ema_updates"
 
 
 def ema_update(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], decay: float) -> None:
@@ -68,6 +71,10 @@ class ModelEMA:
         self.decay = float(decay)
         self.warmup = warmup
         self.updates = 0  # optimizer updates averaged so far
+        if UPDATES_KEY in model.state_dict():
+            raise ValueError(
+                f"the model has its own state key {UPDATES_KEY!r}, which ModelEMA.state_dict() uses"
+            )
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
 
     @property
@@ -97,22 +104,33 @@ class ModelEMA:
             ema_tensor.copy_(tensor)
         self.updates += 1
 
-    def state_dict(self) -> dict[str, Any]:
-        """``{"module": averaged weights and buffers, "updates": int}``, loadable with ``weights_only=True``."""
-        module = {key: value.detach().clone() for key, value in self.module.state_dict().items()}
-        return {"module": module, "updates": self.updates}
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The averaged module's state plus ``UPDATES_KEY``: the update count as a 0-dim int64 tensor.
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`, or an older bare module state dict (its warm-up is taken as over)."""
-        if isinstance(state.get("module"), dict):
-            updates = state.get("updates")
-            if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
-                raise ValueError(f"EMA state 'updates' must be an int >= 0, got {updates!r}")
-            self.module.load_state_dict(state["module"])
-            self.updates = updates
-        else:
+        Flat and all tensors, so it loads with ``torch.load(weights_only=True)`` and compares key by key.
+        """
+        state = {key: value.detach().clone() for key, value in self.module.state_dict().items()}
+        state[UPDATES_KEY] = torch.tensor(self.updates, dtype=torch.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a :meth:`state_dict`, or an older one without the count (its warm-up is then taken as over)."""
+        state = dict(state)
+        updates = state.pop(UPDATES_KEY, None)
+        if updates is None:
             self.module.load_state_dict(state)
             self.updates = warmup_length(self.decay)
+            return
+        if not (
+            isinstance(updates, torch.Tensor) and updates.numel() == 1 and not updates.is_floating_point()
+        ):
+            raise ValueError(
+                f"EMA state {UPDATES_KEY!r} must be a one-element integer tensor, got {updates!r}"
+            )
+        if int(updates) < 0:
+            raise ValueError(f"EMA state {UPDATES_KEY!r} must be >= 0, got {int(updates)}")
+        self.module.load_state_dict(state)
+        self.updates = int(updates)
 
 
 def _pairs(ema_named, named, what: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
