@@ -47,7 +47,7 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class Loaders:
-    train: Any  # iterable of (x, y) with len(), set_epoch(), state_dict() (trickbag.data.BatchLoader)
+    train: Any  # iterable of (x, y) with len(); set_epoch() and state_dict() if it has them (BatchLoader)
     val: Any | None = None  # selection batches (x, y); None: no evaluation, only `last` checkpoints
     test: Any | None = None  # reported only, never used to choose anything (evaluated after fit)
 
@@ -305,7 +305,8 @@ def fit(
     for epoch in range(state.epoch, options.epochs):
         started = time.perf_counter()
         model.train()
-        loaders.train.set_epoch(epoch)
+        if hasattr(loaders.train, "set_epoch"):  # a plain list of batches works too
+            loaders.train.set_epoch(epoch)
         if parts.mixer is not None:
             parts.mixer.set_epoch(epoch)
         window, losses, images, skipped = [], [], 0, 0
@@ -484,7 +485,7 @@ def training_state(model, loaders: Loaders, parts: Parts, state: TrainState) -> 
         "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict(),
         "precision": parts.precision.state_dict(),
-        "loader": loaders.train.state_dict(),
+        "loader": loaders.train.state_dict() if hasattr(loaders.train, "state_dict") else {},
         "rng": capture_rng_state(),
     }
     if parts.mixer is not None:
@@ -499,7 +500,8 @@ def restore_training_state(saved: dict[str, Any], loaders: Loaders, parts: Parts
     parts.optimizer.load_state_dict(saved["optimizer"])
     parts.scheduler.load_state_dict(saved["scheduler"])
     parts.precision.load_state_dict(saved["precision"])
-    loaders.train.load_state_dict(saved["loader"])
+    if hasattr(loaders.train, "load_state_dict"):
+        loaders.train.load_state_dict(saved["loader"])
     if parts.mixer is not None and "mixer" in saved:
         parts.mixer.load_state_dict(saved["mixer"])
     if parts.ema is not None and "ema" in saved:
