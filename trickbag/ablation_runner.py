@@ -126,10 +126,13 @@ def save_spec(ablation: Ablation, recipe: Path, out_dir: Path) -> None:
         ValueError: the folder holds a different ablation (rerunning into it would mix two experiments).
     """
     data = ablation.model_dump(mode="json")
-    data["base"]["recipe"] = str(recipe)
+    data["base"]["recipe"] = str(Path(recipe).resolve())
     path = out_dir / "ablation.yaml"
     if path.is_file():
         old = yaml.safe_load(path.read_text(encoding="utf-8"))
+        recipe_then = Path(old.get("base", {}).get("recipe", ""))
+        if recipe_then.is_file():  # the same file reached through a moved folder or a symlink is the same
+            old["base"]["recipe"] = str(recipe_then.resolve())
         changed = sorted(key for key in set(old) | set(data) if old.get(key) != data.get(key))
         if changed:
             raise ValueError(
@@ -267,6 +270,10 @@ def _estimate(seconds: list[float], runs: int, jobs: int) -> str:
 def _start(spec, index, recipe, run_dir, threads, free_devices) -> _Slot:
     spec.log_stem.parent.mkdir(parents=True, exist_ok=True)
     spec.folder.mkdir(parents=True, exist_ok=True)
+    if run_dir is None:  # a folder killed before its config.yaml was written holds nothing: reuse its number
+        for leftover in spec.folder.glob(f"seed{spec.seed}-[0-9][0-9][0-9]"):
+            if leftover.is_dir() and not any(leftover.iterdir()):
+                leftover.rmdir()
     out = open(spec.log_stem.with_suffix(".out"), "a", encoding="utf-8")
     err = open(spec.log_stem.with_suffix(".err"), "w", encoding="utf-8")
     env = dict(os.environ)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 EPILOG = """examples:
   trickbag ablate digits_demo                          a shipped ablation (2 tricks x 3 seeds, ~2 min on 2 cores)
+  trickbag ablate cifar10_fast_tricks data.root=/data/cifar10   a base override added to a shipped file
   trickbag ablate my_ablation.yaml --jobs 2            two runs at a time (the cores are divided between them)
   trickbag ablate digits epochs=5 --arm ls loss.label_smoothing=0.1 --arm mixup mixing.mixup_alpha=0.2 --seeds 5
   trickbag ablate --resume ablations/digits_demo       finish an interrupted ablation (same as rerunning it)
@@ -32,7 +33,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "target", nargs="?", help="ablation YAML (path or shipped name), or a recipe with --arm"
     )
-    parser.add_argument("overrides", nargs="*", help="quick form: base overrides key.sub=value")
+    parser.add_argument("overrides", nargs="*", help="base overrides key.sub=value (e.g. data.root=DIR)")
     parser.add_argument(
         "--arm", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"), help="quick form: a trick to test"
     )
@@ -70,13 +71,10 @@ def load_target(args):
         raw["name"] = "-".join([Path(args.target).stem, *arms])
         source, relative_to = "command line", None
     else:
-        if args.overrides:
-            raise ValueError(
-                f"overrides {args.overrides} need --arm (quick form); put them under base.overrides in the file"
-            )
         path = resolve_ablation_file(args.target)
         ablation = load_ablation(path)
         raw, source, relative_to = ablation.model_dump(), str(path), path.parent
+        raw["base"]["overrides"] += args.overrides  # e.g. data.root=/data/cifar10 for a shipped file
     for key in ("seeds", "design", "epochs"):
         if getattr(args, key) is not None:
             raw[key] = getattr(args, key)
