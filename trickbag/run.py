@@ -133,14 +133,12 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
 
     from trickbag import data
     from trickbag.checkpoint import Checkpointer
-    from trickbag.config import config_to_dict, config_to_yaml
+    from trickbag.config import build_optimizer_from_config, build_scheduler, config_to_dict, config_to_yaml
     from trickbag.losses import class_weights
     from trickbag.metrics import ClassificationMetrics
     from trickbag.metrics.advice import advise
-    from trickbag.optim import optimizer_from_config
     from trickbag.precision import Precision
     from trickbag.runlog import RunLogger
-    from trickbag.schedules import scheduler_from_config
     from trickbag.train import Loaders, Parts
 
     if cfg.threads:
@@ -185,11 +183,9 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
         else data.BatchLoader.for_eval(imageset.images, imageset.labels, batch_size=eval_batch, **common)
         for imageset in (val_set, test_set)
     )  # fmt: skip
-    optimizer = optimizer_from_config(model, cfg.optimizer, cfg.effective_batch_size)
+    optimizer = build_optimizer_from_config(model, cfg.optimizer, cfg.effective_batch_size)
     updates_per_epoch = math.ceil(len(train_loader) / cfg.accumulate)
-    scheduler = scheduler_from_config(
-        optimizer, cfg.schedule, steps_per_epoch=updates_per_epoch, epochs=cfg.epochs
-    )
+    scheduler = build_scheduler(optimizer, cfg.schedule, steps_per_epoch=updates_per_epoch, epochs=cfg.epochs)
     weight = None
     if cfg.loss.class_weights != "none":
         weight = class_weights(counts, method=cfg.loss.class_weights, beta=cfg.loss.beta)
