@@ -265,7 +265,7 @@ def test_help_has_examples(capsys):
         assert "examples:" in out and f"trickbag {command}" in out
 
 
-@pytest.mark.parametrize("name", ["train", "resume", "evaluate", "predict", "report"])
+@pytest.mark.parametrize("name", ["train", "resume", "evaluate", "predict", "report", "recipes"])
 def test_command_module_imports_nothing_heavy(name):
     code = f"import sys, trickbag.commands.{name}; print(sorted({{'torch', 'pydantic', 'matplotlib'}} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
