@@ -67,15 +67,15 @@ def test_train_produces_all_files_and_eval_predict_report(tmp_path, capsys):
     assert "val_loss=" in os.readlink(run_dir / "best_loss")
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     assert [row["epoch"] for row in rows] == ["1", "2"]
-    for column in ("train_loss", "val_loss", "accuracy", "macro_f1", "lr", "time_s"):
+    for column in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "time_s"):
         assert column in rows[0]
     summary = capsys.readouterr().out
     assert "best_metric" in summary and "best_loss" in summary
 
-    assert run_cli("eval", str(run_dir)) == 0
+    assert run_cli("eval", str(run_dir), "--split", "val") == 0
     eval_out = capsys.readouterr().out
     meta = json.loads((run_dir / "best_metric" / "meta.json").read_text())
-    assert f"{meta['scores']['accuracy']:.4f}" in eval_out  # same weights, same eval set, same number
+    assert f"{meta['scores']['val_accuracy']:.4f}" in eval_out  # same weights, same val set, same number
 
     images = tmp_path / "images"
     for label in ("3", "7"):
@@ -110,13 +110,13 @@ def test_train_produces_all_files_and_eval_predict_report(tmp_path, capsys):
     assert (run_dir / "report.png").stat().st_size > 1000
     page = (run_dir / "report.html").read_text()
     assert "data:image/png;base64," in page and "<img" in page
-    from trickbag.report import planned_lr_curve, read_metrics
+    from trickbag.report import read_lr_trace, read_metrics
 
     rows = read_metrics(run_dir)
-    curve = planned_lr_curve(meta, rows)
+    curve = read_lr_trace(run_dir)
     steps = meta["updates_per_epoch"]
     assert len(curve) == 2 * steps
-    assert curve[steps] == pytest.approx(rows[0]["lr"])  # the replayed schedule is the one the run used
+    assert curve[steps] == pytest.approx(rows[0]["lr"])  # the LR after epoch 1 is the first of epoch 2
 
 
 def drop_time(rows) -> list[dict[str, str]]:
@@ -272,14 +272,18 @@ def test_command_module_imports_nothing_heavy(name):
     assert result.stdout.strip() == "[]"  # `trickbag --help` stays fast
 
 
-def test_checkpoint_that_does_not_fit_its_model_is_a_clear_error(tmp_path, capsys):
+def test_checkpoint_that_does_not_fit_its_model_is_a_clear_error(tmp_path, capsys, monkeypatch):
     out = tmp_path / "runs"
     assert run_cli("train", DIGITS, *TINY, "epochs=1", f"output_dir={out}", "--quiet") == 0
     run_dir = only_run(out)
-    meta_path = (run_dir / "best_metric").resolve() / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta["config"]["model"]["options"] = {"width": 16}  # as if a model default had changed since the save
-    meta_path.write_text(json.dumps(meta))
+    import trickbag.models
+
+    original = trickbag.models.build_model
+
+    def changed_default(name, num_classes, **options):  # as if a model default had changed since the save
+        return original(name, num_classes, **{**options, "width": 16})
+
+    monkeypatch.setattr(trickbag.models, "build_model", changed_default)
     capsys.readouterr()
     assert run_cli("eval", str(run_dir)) == 2
     err = capsys.readouterr().err
