@@ -6,6 +6,11 @@
 Same model and data as ``trickbag train recipes/digits.yaml`` (DigitsCNN, 15 epochs, batch 64, random 1-pixel
 shifts): SGD + Nesterov at 0.4 per 256 images, weight decay 5e-4 off biases and norms, cosine with 1 warmup
 epoch stepped per update, label smoothing 0.1. Prints the test accuracy of the last epoch.
+
+Measured (2-core CPU, no GPU, lightning 2.6.6, torch 2.13.0; 359 test images, last epoch), seeds 0 / 1 / 2:
+    this example                               0.9972 / 0.9972 / 0.9972
+    trickbag train recipes/digits.yaml seed=S  0.9972 / 0.9972 / 0.9972
+    this example --plain (no tricks)           0.9805 / 0.9805 / 0.9944
 """
 
 from __future__ import annotations

@@ -434,8 +434,9 @@ def test_resume_restores_best_so_far_schedule_mixer_and_ema(tmp_path):
 # LightningCLI
 
 
-def test_lightning_cli_builds_and_fits():
+def test_lightning_cli_builds_and_fits(monkeypatch):
     pytest.importorskip("jsonargparse")
+    monkeypatch.setattr(sys, "argv", ["lightning-digits"])  # pytest's own arguments are not for the CLI
     from lightning.pytorch.cli import LightningCLI
 
     args = [
