@@ -23,12 +23,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trickbag.config import load_config  # noqa: E402
+from trickbag.losses import ClassifierLoss  # noqa: E402
 from trickbag.models import build_model  # noqa: E402
 from trickbag.precision import Precision  # noqa: E402
-from trickbag.report import RunLogger  # noqa: E402
-from trickbag.schedules import scheduler_from_config  # noqa: E402
-from trickbag.train import Loaders, Parts, fit, make_loss  # noqa: E402
+from trickbag.runlog import RunLogger  # noqa: E402
+from trickbag.schedules import Scheduler  # noqa: E402
+from trickbag.train import FitOptions, Loaders, Parts, fit  # noqa: E402
 
 
 class Batches:
@@ -64,16 +64,16 @@ def bare_epoch(model, batches, optimizer, criterion) -> None:
             running_loss = 0.0
 
 
-def fit_epoch(model, batches, optimizer, cfg) -> None:
-    scheduler = scheduler_from_config(optimizer, cfg.schedule, steps_per_epoch=len(batches), epochs=1)
+def fit_epoch(model, batches, optimizer, options) -> None:
+    scheduler = Scheduler(optimizer, "constant", steps_per_epoch=len(batches), epochs=1)
     parts = Parts(
-        loss_fn=make_loss(num_classes=10),
+        loss_fn=ClassifierLoss(num_classes=10),
         optimizer=optimizer,
         scheduler=scheduler,
         precision=Precision("fp32", batches[0][0].device),
         logger=RunLogger(quiet=True),
     )
-    fit(model, Loaders(Batches(batches)), parts, cfg)
+    fit(model, Loaders(Batches(batches)), parts, options)
 
 
 def synchronize(device: torch.device) -> None:
@@ -90,9 +90,7 @@ def measure(name: str, model_name: str, shape, batch_size: int, steps: int, repe
         )
         for _ in range(steps)
     ]
-    cfg = load_config(
-        None, ["epochs=1", "schedule.kind=constant", "eval.best_metric=accuracy", "train.log_every=50"]
-    )
+    cfg = FitOptions(epochs=1, log_every=50)
     torch.manual_seed(0)
     bare_model = build_model(model_name, 10, in_channels=shape[0])
     fit_model = build_model(model_name, 10, in_channels=shape[0])
