@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.optim import lr_scheduler
 
-from trickbag.config import ConfigError, ScheduleConfig, build_scheduler, load_config
+from trickbag.config import ConfigError, ScheduleConfig, build_scheduler, config_from_dict, load_config
 from trickbag.schedules import (
     SCHEDULE_DEFAULTS,
     Scheduler,
@@ -647,3 +647,13 @@ def test_cli_user_errors(tmp_path, capsys, yaml_text, extra, message):
 def test_cli_missing_file(tmp_path, capsys):
     assert run_cli("schedule", "plot", str(tmp_path / "nope.yaml"), "--steps-per-epoch", "2") == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_whole_config_dump_with_every_schedule_field_loads_again():
+    # What lets config_to_dict write the schedule section in full: each field's default counts as not given.
+    cfg = load_config(None, ["schedule.kind=multistep", "schedule.milestones=[2, 4]", "schedule.gamma=0.5"])
+    data = cfg.model_dump(mode="json")
+    assert (
+        data["schedule"]["patience"] == 10 and data["schedule"]["eta_min"] == 0.0
+    )  # non-applicable, written out
+    assert config_from_dict(data).schedule == cfg.schedule
