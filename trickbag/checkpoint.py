@@ -301,9 +301,8 @@ def save_checkpoint(
 
     temp, step = None, "removing a stale temp folder"
     try:
-        for stale in run_dir.glob(
-            f".{kind}-*.tmp"
-        ):  # left by a process killed while saving (one writer per run)
+        # Temp folders left by a process killed while saving, or by a cut-short delete (one writer per run).
+        for stale in run_dir.glob(f".{kind}-*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
         step = "creating a temp folder"
         temp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{kind}-", suffix=".tmp"))
