@@ -196,3 +196,32 @@ def test_nothing_imports_the_cli():
         if path.name not in ("__main__.py", "cli.py") and "trickbag.cli" in imported_modules(path)
     ]
     assert offenders == []
+
+
+def test_resume_falls_back_to_an_older_last_when_the_newest_is_corrupt(tmp_path):
+    from safetensors.torch import load_file
+
+    run_dir = train(tmp_path, "epochs=3")
+    newest = (run_dir / "last").resolve()
+    expected = {
+        key: value.clone() for key, value in load_file(str(newest / "model.safetensors")).items()
+    }  # not mmapped
+    weights = newest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01  # one flipped bit in the last tensor
+    weights.write_bytes(bytes(data))
+    assert main(["resume", str(run_dir), "--quiet"]) == 0
+    log = (run_dir / "train.log").read_text()
+    assert "skipped" in log and "older last-epoch002" in log
+    got = load_file(str((run_dir / "last").resolve() / "model.safetensors"))
+    differing = [key for key in expected if not torch.equal(expected[key], got[key])]
+    assert differing == []  # epoch 3 retrained bit for bit
+
+
+def test_resume_refuses_when_only_best_checkpoints_verify(tmp_path, capsys):
+    run_dir = train(tmp_path, "epochs=1")
+    for folder in run_dir.glob("last-*"):
+        (folder / "state.pt").write_bytes(b"corrupt")
+    assert main(["resume", str(run_dir), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no usable `last` checkpoint" in err and "best_" in err

@@ -1,8 +1,9 @@
 """Typed run configuration: one YAML file plus ``key.sub=value`` overrides.
 
 Every section is a pydantic model with ``extra="forbid"``, so a typo is an error instead of a silently ignored
-key, and every default lives exactly once, here (the optimizer and schedule sections are owned by
-``trickbag.optim`` and ``trickbag.schedules``). ``load_config`` collects *all* problems of a file and reports them
+key, and every default lives exactly once, here (the optimizer and schedule sections map onto the plain arguments
+of ``trickbag.optim`` / ``trickbag.schedules`` through ``build_optimizer_from_config`` / ``build_scheduler``).
+``load_config`` collects *all* problems of a file and reports them
 together, each naming the file, the key path and the value, e.g.::
 
     run.yaml: schedule.kind='cosin' not in {'constant', 'step', 'cosine', 'plateau'}
@@ -48,12 +49,15 @@ class DataConfig(_Section):
     split_seed: int = Field(0, ge=0)  # the val split is the same for every run seed (paired comparisons)
     csv: str | None = None  # csv kind: file with columns path,label
     test_csv: str | None = None  # csv kind: the test set (same columns); none: no test figures
-    cache_dir: str | None = None
+    cache_dir: str | None = None  # the decoded-image cache folder itself; None: $TRICKBAG_CACHE_DIR or ~/.cache
     skip_bad_images: bool = False
     crop_padding: int = Field(0, ge=0)  # random crop after reflect padding of this many pixels
     flip: bool = False  # random horizontal flip
     channels_last: bool = False
     num_workers: int | None = Field(None, ge=0)  # decoding processes; None: one per core, 0: in-process
+    # Class-balanced sampling of each training epoch (trickbag.longtail.ClassBalancedSampler): "inverse" draws
+    # every class equally often, "sqrt" by sqrt(n_c), "repeat_factor" repeats classes rarer than 1/C (LVIS).
+    sampling: Literal["none", "inverse", "sqrt", "repeat_factor"] = "none"
 
 
 class ModelConfig(_Section):
@@ -65,12 +69,18 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
-    kind: Literal["ce", "focal"] = "ce"
+    # ldam, logit_adjusted, balanced_softmax: trickbag.longtail (priors/margins from the training label counts)
+    kind: Literal["ce", "focal", "ldam", "logit_adjusted", "balanced_softmax"] = "ce"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     smoothing_style: str = "uniform"  # checked by trickbag.losses.smooth_labels
     focal_gamma: float = Field(2.0, ge=0.0)
     class_weights: Literal["none", "effective_number", "inverse_frequency"] = "none"
     beta: float = Field(0.999, ge=0.0, lt=1.0)  # effective-number beta (Cui et al. 2019)
+    # Deferred re-weighting (Cao et al. 2019): class_weights (or data.sampling) only from this 0-based epoch.
+    drw_epoch: int | None = Field(None, ge=0)
+    tau: float = Field(1.0, gt=0.0)  # logit_adjusted: temperature of the log-prior offset (Menon et al. 2021)
+    ldam_max_margin: float = Field(0.5, gt=0.0)  # ldam: margin of the rarest class (Cao et al. 2019)
+    ldam_scale: float = Field(30.0, gt=0.0)  # ldam: s; Cao et al.'s 30 is for cosine logits, see the recipes
 
 
 class MixingConfig(_Section):
@@ -113,6 +123,8 @@ def _check_metric_name(value: str, extra: tuple[str, ...]) -> str:
 
 class EvalConfig(_Section):
     flip_tta: bool = False
+    # Post-hoc logit adjustment (Menon et al. 2021): evaluation and prediction use z - tau * log(prior); 0: off.
+    logit_adjust_tau: float = Field(0.0, ge=0.0)
     # "auto": accuracy on balanced data, macro_f1 on imbalanced (trickbag.metrics.advise)
     best_metric: str = "auto"
     mode: Literal["auto", "max", "min"] = "auto"
@@ -347,9 +359,58 @@ def config_from_dict(
         config = Config.model_validate(raw)
     except ValidationError as error:
         problems.extend(f"{source}: {describe_error(item)}" for item in error.errors())
+    if config is not None:
+        problems.extend(f"{source}: {problem}" for problem in imbalance_problems(config))
     if problems:
         raise ConfigError("\n".join(problems))
     return config
+
+
+def imbalance_problems(config: Config) -> list[str]:
+    """Combinations of the long-tail options that would correct the same imbalance twice, or do nothing."""
+    loss, data, problems = config.loss, config.data, []
+    adjusted = loss.kind in ("logit_adjusted", "balanced_softmax")
+    if adjusted and loss.class_weights != "none":
+        problems.append(
+            f"loss.kind={loss.kind!r} with loss.class_weights={loss.class_weights!r}: the label prior already "
+            "re-balances the loss; set loss.class_weights=none (or use kind=ldam with drw_epoch)"
+        )
+    if adjusted and data.sampling != "none":
+        problems.append(
+            f"loss.kind={loss.kind!r} with data.sampling={data.sampling!r}: the prior offset assumes the natural "
+            "label distribution; balanced sampling would correct twice. Set data.sampling=none"
+        )
+    if data.sampling != "none" and loss.class_weights != "none":
+        problems.append(
+            f"data.sampling={data.sampling!r} with loss.class_weights={loss.class_weights!r} re-balances twice; "
+            "keep one of them"
+        )
+    # A changed focal_gamma is the only sign of "focal" intent here (a stored config writes the default out).
+    gamma_default = LossConfig.model_fields["focal_gamma"].default
+    if loss.kind in ("ldam", "logit_adjusted", "balanced_softmax") and loss.focal_gamma != gamma_default:
+        problems.append(
+            f"loss.focal_gamma={loss.focal_gamma} with loss.kind={loss.kind!r}: focal loss does not combine "
+            f"with it here; remove loss.focal_gamma (or use kind=focal)"
+        )
+    if loss.drw_epoch is not None:
+        if loss.class_weights == "none" and data.sampling == "none":
+            problems.append(
+                f"loss.drw_epoch={loss.drw_epoch} defers nothing: set loss.class_weights (e.g. effective_number) "
+                "or data.sampling"
+            )
+        if loss.drw_epoch >= config.epochs:
+            problems.append(
+                f"loss.drw_epoch={loss.drw_epoch} is never reached with epochs={config.epochs}; "
+                f"use a 0-based epoch < {config.epochs}"
+            )
+    if config.eval.logit_adjust_tau > 0 and (
+        adjusted or loss.class_weights != "none" or data.sampling != "none"
+    ):
+        problems.append(
+            f"eval.logit_adjust_tau={config.eval.logit_adjust_tau} corrects a model trained on the natural label "
+            "distribution; this run already re-balances (loss.kind/class_weights/data.sampling). Set it to 0"
+        )
+    return problems
 
 
 def describe_error(item: dict[str, Any]) -> str:
@@ -406,11 +467,7 @@ def _literal_choices(location: list[str]) -> tuple[Any, ...]:
 
 def config_to_dict(config: Config) -> dict[str, Any]:
     """The resolved config as plain data (every default written out), valid input of ``config_from_dict``."""
-    data = config.model_dump(mode="json")
-    # ScheduleConfig rejects fields that do not apply to its kind once they are set, even to their defaults,
-    # so that section keeps only what differs from the defaults.
-    data["schedule"] = config.schedule.model_dump(mode="json", exclude_defaults=True)
-    return data
+    return config.model_dump(mode="json")
 
 
 def config_to_yaml(config: Config) -> str:

@@ -157,13 +157,17 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
     if cfg.eval.best_metric == "auto":
         cfg.eval.best_metric = advice.best_metric
     top_k = requested_top_k(cfg, num_classes)  # before any training: a bad name fails now, not after an epoch
-    if advice.recommend_class_weights and cfg.loss.class_weights == "none":
+    rebalanced = cfg.loss.class_weights != "none" or cfg.loss.kind not in ("ce", "focal")
+    rebalanced = rebalanced or cfg.data.sampling != "none" or cfg.eval.logit_adjust_tau > 0
+    if advice.recommend_class_weights and not rebalanced:
         logger.info(
-            f"class imbalance {advice.imbalance_ratio:.1f}:1 - consider loss.class_weights=effective_number"
+            f"class imbalance {advice.imbalance_ratio:.1f}:1 - consider loss.kind=logit_adjusted, or "
+            "loss.kind=ldam with loss.class_weights=effective_number and loss.drw_epoch (recipe longtail_fast)"
         )
     mean, std = data.channel_stats(train_set.images)
     torch.manual_seed(cfg.seed)  # model initialisation and dropout draw from torch's global generator
     model = build_model_for(cfg, num_classes, train_set.images.shape[1], device)
+    attach_posthoc_adjustment(model, cfg, counts.tolist())  # before the EMA copies the model (and its hook)
     common = {"device": device, "mean": mean, "std": std, "channels_last": cfg.data.channels_last}
     train_loader = data.BatchLoader(
         train_set.images,
@@ -174,6 +178,7 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
         seed=cfg.seed,
         crop_padding=cfg.data.crop_padding,
         flip=cfg.data.flip,
+        sampler=sampler_from_config(cfg, train_set.labels),
         **common,
     )
     # Evaluation has no backward pass: larger batches cost no more memory than a training step.
@@ -189,7 +194,7 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
     weight = None
     if cfg.loss.class_weights != "none":
         weight = class_weights(counts, method=cfg.loss.class_weights, beta=cfg.loss.beta)
-    loss_fn = loss_from_config(cfg, num_classes, weight)
+    loss_fn = loss_from_config(cfg, num_classes, weight, class_counts=counts.tolist())
     mixer = None
     if cfg.mixing.enabled:
         from trickbag.mixing import BatchMixer
@@ -220,6 +225,7 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
         "mean": mean,
         "std": std,
         "class_weights": weight.tolist() if weight is not None else None,  # so `eval` computes the same loss
+        "class_counts": counts.tolist(),  # training label counts: priors, LDAM margins, post-hoc adjustment
         "updates_per_epoch": updates_per_epoch,  # with base_lr: `trickbag report` redraws the LR per update
         "base_lr": float(optimizer.param_groups[0]["initial_lr"]),
     }
@@ -244,26 +250,66 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
         mixer=mixer,
         ema=ema,
         teacher=teacher,
-        checkpointer=Checkpointer(run_dir, meta),
+        checkpointer=Checkpointer(run_dir, meta, keep_last=2),  # an older `last` to fall back on
         logger=logger,
     )
     return Run(cfg, run_dir, model, Loaders(train_loader, val_loader, test_loader), parts, classes)
 
 
-def loss_from_config(cfg, num_classes: int, weight=None):
-    """The run's loss function (class ``weight`` (C,) or None) from its ``loss`` section."""
+def loss_from_config(cfg, num_classes: int, weight=None, *, class_counts=None):
+    """The run's loss function (class ``weight`` (C,) or None) from its ``loss`` section.
+
+    ``class_counts`` (C,), the training label counts, is required by kinds ldam, logit_adjusted and
+    balanced_softmax. With ``loss.drw_epoch`` the weights are deferred: the loss has ``set_epoch(epoch)``.
+    """
     import torch
 
+    from trickbag.longtail import LONGTAIL_KINDS, DeferredReweighting, LongTailLoss
     from trickbag.losses import ClassifierLoss
 
-    return ClassifierLoss(
-        cfg.loss.kind,
-        num_classes=num_classes,
-        label_smoothing=cfg.loss.label_smoothing,
-        smoothing_style=cfg.loss.smoothing_style,
-        focal_gamma=cfg.loss.focal_gamma,
-        weight=None if weight is None else torch.as_tensor(weight, dtype=torch.float32),
-    )
+    section = cfg.loss
+    weight = None if weight is None else torch.as_tensor(weight, dtype=torch.float32)
+    deferred = section.drw_epoch is not None and weight is not None
+    if section.kind in LONGTAIL_KINDS:
+        if class_counts is None:
+            raise ValueError(f"loss.kind={section.kind!r} needs the training class_counts (C,)")
+        loss = LongTailLoss(
+            section.kind,
+            class_counts=class_counts,
+            tau=section.tau,
+            max_margin=section.ldam_max_margin,
+            scale=section.ldam_scale,
+            label_smoothing=section.label_smoothing,
+            smoothing_style=section.smoothing_style,
+            weight=None if deferred else weight,
+        )
+    else:
+        loss = ClassifierLoss(
+            section.kind,
+            num_classes=num_classes,
+            label_smoothing=section.label_smoothing,
+            smoothing_style=section.smoothing_style,
+            focal_gamma=section.focal_gamma,
+            weight=None if deferred else weight,
+        )
+    return DeferredReweighting(loss, weight, section.drw_epoch) if deferred else loss
+
+
+def sampler_from_config(cfg, labels):
+    """The training loader's ``ClassBalancedSampler`` for ``data.sampling`` (deferred by ``loss.drw_epoch``)."""
+    if cfg.data.sampling == "none":
+        return None
+    from trickbag.longtail import ClassBalancedSampler
+
+    return ClassBalancedSampler(labels, cfg.data.sampling, seed=cfg.seed, start_epoch=cfg.loss.drw_epoch or 0)
+
+
+def attach_posthoc_adjustment(model, cfg, class_counts) -> None:
+    """With ``eval.logit_adjust_tau`` > 0, eval-mode logits of ``model`` become z - tau log(prior)."""
+    if cfg.eval.logit_adjust_tau > 0:
+        from trickbag.longtail import PosthocAdjustment
+
+        PosthocAdjustment(class_counts, cfg.eval.logit_adjust_tau).attach(model)
 
 
 def new_run_dir(output_dir: str, name: str) -> Path:
@@ -289,6 +335,8 @@ def load_model(checkpoint: str | Path, device):
     ckpt = load_checkpoint(checkpoint, with_state=False)
     cfg = config_from_dict(ckpt.meta["config"], str(ckpt.path / "meta.json"))
     model = build_model_for(cfg, len(ckpt.meta["classes"]), ckpt.meta["image_shape"][0], device)
+    if cfg.eval.logit_adjust_tau > 0:
+        attach_posthoc_adjustment(model, cfg, ckpt.meta["class_counts"])
     try:
         model.load_state_dict(ckpt.weights)
     except RuntimeError as error:  # e.g. a model default changed since the checkpoint was written
@@ -393,6 +441,7 @@ def finish_run(run: Run, state) -> dict[str, Any]:
     epochs = {"best_metric": state.best_metric_epoch, "best_loss": state.best_loss_epoch, "last": state.epoch}
     checkpoints: dict[str, Any] = {}
     tested: dict[int, dict[str, float]] = {}  # epoch -> test scores: the same weights are tested once
+    per_class: dict[int, list[dict]] = {}  # epoch -> precision/recall/F1 per class on test
     for kind, epoch in epochs.items():
         path = parts.checkpointer.latest(kind) if parts.checkpointer is not None else None
         if path is None or epoch == 0:
@@ -409,7 +458,11 @@ def finish_run(run: Run, state) -> dict[str, Any]:
                     model.load_state_dict(load_checkpoint(path, with_state=False).weights)
                 tested[epoch] = evaluate(model, loaders.test, parts.loss_fn, parts.metrics,
                                          precision=parts.precision, flip_tta=run.cfg.eval.flip_tta)  # fmt: skip
+                if hasattr(parts.metrics, "per_class"):
+                    per_class[epoch] = parts.metrics.per_class()
             entry["test"] = tested[epoch]
+            if epoch in per_class:
+                entry["test_per_class"] = per_class[epoch]
         checkpoints[kind] = entry
     results = {
         "status": "finished",

@@ -56,7 +56,7 @@ def resume_run(run_dir: str | Path, quiet: bool = False, overrides: list[str] | 
             )
     cfg = load_config(run_dir / "config.yaml", overrides)
     run = build_run(cfg, run_dir, quiet=quiet)
-    last = run.parts.checkpointer.latest("last")
+    last = _good_last_checkpoint(run_dir, run.parts.checkpointer.latest("last"), run.parts.logger.info)
     state = None
     if last is None:
         run.parts.logger.info("no `last` checkpoint yet: starting the run from the beginning")
@@ -81,3 +81,31 @@ def resume_run(run_dir: str | Path, quiet: bool = False, overrides: list[str] | 
         else:
             run.parts.logger.info(f"resumed from {last.name} (epoch {state.epoch} of {cfg.epochs})")
     return fit_and_summarize(run, state)
+
+
+def _good_last_checkpoint(run_dir: Path, pointer: Path | None, log) -> Path | None:
+    """The newest `last` checkpoint that verifies (sha256), the pointer's target first; None if there is none.
+
+    A corrupt or unreadable newest `last` falls back to an older `last` folder (still bit-identical from its
+    epoch); when only best_* checkpoints are left, which hold no training state, resume refuses and names them.
+    """
+    from trickbag.checkpoint import find_good_checkpoint
+
+    if pointer is None and not any(run_dir.glob("last-*")):
+        return None
+    good, problems = find_good_checkpoint(run_dir, "last")
+    for problem in problems:
+        log(f"resume: skipped {problem}")
+    if good is not None and good.name.startswith("last-"):
+        if pointer is None or good.resolve() != pointer.resolve():
+            log(f"resume: the newest `last` checkpoint is unusable; continuing from the older {good.name}")
+        return good
+    found = (
+        f"the newest good checkpoint is {good} (no training state: it cannot be resumed exactly)"
+        if good
+        else ("no checkpoint of this run verifies")
+    )
+    raise ValueError(
+        f"{run_dir}: no usable `last` checkpoint ({'; '.join(problems) or 'none found'}); {found}. "
+        "Start a new run (trickbag train ...) or restore the files from a backup."
+    )
