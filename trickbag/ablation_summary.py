@@ -61,11 +61,18 @@ def chosen_metric(ablation: Ablation, outcomes: list[RunOutcome]) -> str:
     return names.most_common(1)[0][0] if names else "accuracy"
 
 
+def reported_checkpoint(result: dict | None) -> dict:
+    """The checkpoint a run reports: best_metric (chosen on val), or `last` when the run chose nothing
+    (``data.val_fraction=0`` and no val folder: a fixed schedule whose final weights are the result)."""
+    checkpoints = (result or {}).get("checkpoints", {})
+    return checkpoints.get("best_metric") or checkpoints.get("last") or {}
+
+
 def test_score(outcome: RunOutcome, metric: str) -> float | None:
-    """The test score of ``metric`` at the run's best_metric checkpoint (None when the run has none)."""
+    """The test score of ``metric`` at the run's reported checkpoint (None when the run has none)."""
     if not outcome.result:
         return None
-    scores = outcome.result.get("checkpoints", {}).get("best_metric", {}).get("test") or {}
+    scores = reported_checkpoint(outcome.result).get("test") or {}
     value = scores.get("loss" if metric == "val_loss" else metric)
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
@@ -147,7 +154,7 @@ def write_results_csv(outcomes: list[RunOutcome], path: Path) -> None:
     """One row per run: arm, seed, status, every val_/test_ metric of best_metric, train time, images/s."""
     keys: list[str] = []
     for outcome in outcomes:
-        best = (outcome.result or {}).get("checkpoints", {}).get("best_metric", {})
+        best = reported_checkpoint(outcome.result)
         for split in ("val", "test"):
             keys += [f"{split}_{k}" for k in (best.get(split) or {}) if f"{split}_{k}" not in keys]
     header = [
@@ -167,7 +174,7 @@ def write_results_csv(outcomes: list[RunOutcome], path: Path) -> None:
         writer.writerow(header)
         for o in outcomes:
             result = o.result or {}
-            best = result.get("checkpoints", {}).get("best_metric", {})
+            best = reported_checkpoint(result)
             flat = {
                 f"{split}_{k}": v for split in ("val", "test") for k, v in (best.get(split) or {}).items()
             }
@@ -217,7 +224,7 @@ def table_rows(summary: Summary) -> list[list[str]]:
 def _title(summary: Summary) -> str:
     unit = " (%, Δ in points)" if summary.scale == 100 else ""
     better = "higher" if summary.higher_is_better else "lower"
-    return f"test {summary.metric}{unit} of the best_metric checkpoint; {better} is better"
+    return f"test {summary.metric}{unit} of the reported checkpoint (best_metric, or last if nothing was chosen); {better} is better"
 
 
 def render_markdown(summary: Summary, command: str = "") -> str:
