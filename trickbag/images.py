@@ -3,7 +3,9 @@
 Image folders and CSVs are decoded once, in parallel, into one uint8 array ``(N, C, H, W)`` cached as an
 ``.npz`` in the user cache folder (``trickbag.cache``: never inside the dataset) keyed by the dataset's absolute
 root, file names, sizes, mtimes and decode size (written atomically); unreadable files are an error naming them,
-or are skipped and listed. ``ImageSet`` is defined here, with the loaders that build it, so that
+or are skipped and listed. Images of mixed sizes are fitted to one size (``trickbag.transforms``: aspect handling,
+resize + centre crop), so the cache holds them at that bounded size, never the originals. ``decode=False`` only
+lists the files (``ImageSet.images`` is None): for ``trickbag.streaming``, which decodes per batch. ``ImageSet`` is defined here, with the loaders that build it, so that
 ``trickbag.data`` (splits, statistics, the batch loader) can import it without an import cycle.
 """
 
@@ -29,6 +31,7 @@ __all__ = [
     "load_csv",
     "load_images",
     "list_images",
+    "list_image_folder",
     "IMAGE_EXTENSIONS",
 ]
 
@@ -53,26 +56,31 @@ class ImageSet:
     """A labelled image set held in memory.
 
     Attributes:
-        images: (N, C, H, W) uint8 tensor.
+        images: (N, C, H, W) uint8 tensor, or None for a set that is listed, not decoded (``paths`` then
+            required; ``trickbag.streaming`` decodes it batch by batch).
         labels: (N,) int64 tensor of class indices into ``classes``.
         classes: class names; ``classes[i]`` is the name of label ``i``.
         paths: source file of each image, or None for generated/embedded data.
         skipped: files that could not be decoded and were skipped (``data.skip_bad_images=true``).
     """
 
-    images: torch.Tensor
+    images: torch.Tensor | None
     labels: torch.Tensor
     classes: list[str]
     paths: list[str] | None = None
     skipped: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _check_tensor("ImageSet.images", self.images, torch.uint8, "(N, C, H, W)")
         _check_tensor("ImageSet.labels", self.labels, torch.int64, "(N,)")
-        if len(self.labels) != len(self.images):
-            raise ValueError(f"ImageSet has {len(self.images)} images but {len(self.labels)} labels")
-        if self.paths is not None and len(self.paths) != len(self.images):
-            raise ValueError(f"ImageSet has {len(self.images)} images but {len(self.paths)} paths")
+        if self.images is None:
+            if self.paths is None:
+                raise ValueError("ImageSet without decoded images needs paths (the files to decode)")
+        else:
+            _check_tensor("ImageSet.images", self.images, torch.uint8, "(N, C, H, W)")
+            if len(self.labels) != len(self.images):
+                raise ValueError(f"ImageSet has {len(self.images)} images but {len(self.labels)} labels")
+        if self.paths is not None and len(self.paths) != len(self.labels):
+            raise ValueError(f"ImageSet has {len(self.labels)} labels but {len(self.paths)} paths")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -80,7 +88,8 @@ class ImageSet:
     def subset(self, indices: torch.Tensor) -> ImageSet:
         """The images at ``indices`` (a (K,) int64 tensor), keeping ``classes``."""
         paths = None if self.paths is None else [self.paths[i] for i in indices.tolist()]
-        return ImageSet(self.images[indices], self.labels[indices], list(self.classes), paths)
+        images = None if self.images is None else self.images[indices]
+        return ImageSet(images, self.labels[indices], list(self.classes), paths)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -88,7 +97,7 @@ class ImageSet:
 # ---------------------------------------------------------------------------------------------------------
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-CACHE_VERSION = 2  # 2: the dataset root is part of the key
+CACHE_VERSION = 3  # 2: the dataset root is part of the key; 3: aspect handling and crop fraction too
 _FOLDER_LAYOUT = "root/<class name>/<image>.jpg|jpeg|png|bmp|webp, e.g. data/train/cat/0001.jpg"
 
 
@@ -96,44 +105,82 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def _visible_images(folder: Path) -> list[str]:
+    """Image files under ``folder``, recursively, sorted; hidden files and everything in hidden folders skipped
+    (``.thumbs/``, ``.trash/``, macOS ``._x.jpg``, an old ``.trickbag-cache/``)."""
+    found = []
+    for directory, subfolders, files in os.walk(folder):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        found += [os.path.join(directory, name) for name in files if _is_image(Path(name))]
+    return sorted(found)
+
+
 def list_images(path_or_dir: str | os.PathLike) -> list[str]:
-    """One image file, or every image under a folder (recursively, sorted, hidden entries skipped)."""
+    """One image file, or every image under a folder (recursively, sorted, hidden files and folders skipped).
+
+    The one listing every command uses (train, eval, predict, mix, inspect), so they all see the same files.
+    """
     path = Path(path_or_dir)
     if path.is_file():
         return [str(path)]
     if not path.is_dir():
         raise FileNotFoundError(f"no such image file or folder: {str(path)!r}")
-    found = sorted(
-        str(p) for p in path.rglob("*") if p.is_file() and _is_image(p) and ".trickbag-cache" not in p.parts
-    )
+    found = _visible_images(path)
     if not found:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(path)!r}")
     return found
 
 
-def _decode_one(path: str, size: tuple[int, int] | None) -> tuple[np.ndarray | None, str | None]:
+def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[int], list[str]]:
+    """The labelled files of ``root/<class>/...``: (paths, labels, classes), without decoding anything.
+
+    Classes are the sorted non-hidden subfolders; each class folder is listed like ``list_images`` (recursively,
+    hidden files and folders skipped). Paths are absolute.
+    """
+    root_path = Path(root).expanduser().resolve()
+    if not root_path.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist; expected {_FOLDER_LAYOUT}")
+    classes = sorted(p.name for p in root_path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{str(root)!r} has no class subfolders; expected {_FOLDER_LAYOUT}")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = _visible_images(root_path / name)
+        paths += files
+        labels += [label] * len(files)
+    if not paths:
+        raise ValueError(f"no images in the class subfolders of {str(root)!r}; expected {_FOLDER_LAYOUT}")
+    return paths, labels, classes
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """How files become same-sized arrays: None size keeps each file's own; else ``transforms.eval_image``."""
+
+    size: tuple[int, int] | None = None
+    aspect: str = "squash"
+    crop_fraction: float = 1.0
+
+
+def _decode_one(path: str, fit: _Fit) -> tuple[np.ndarray | None, str | None]:
     """(H, W, 3) uint8 array or (None, reason). Greyscale, palette, RGBA, CMYK all become RGB."""
-    from PIL import Image
+    from trickbag import transforms
 
     try:
-        with Image.open(path) as image:
-            image.load()  # a truncated file fails here, not later
-            rgb = image.convert("RGB")  # RGBA: alpha dropped (not blended); L: grey copied to 3 channels
-            if size is not None and rgb.size != (size[1], size[0]):
-                rgb = rgb.resize((size[1], size[0]), Image.BILINEAR)
-            return np.asarray(rgb, dtype=np.uint8), None
+        if fit.size is None:
+            # RGBA: alpha dropped (not blended); L: grey copied to 3 channels
+            return np.asarray(transforms.open_rgb(path)[0], dtype=np.uint8), None
+        return transforms.eval_image(path, fit.size, fit.aspect, fit.crop_fraction), None
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError ... for bad files
         return None, f"{type(error).__name__}: {error}"
 
 
-def _decode_chunk(
-    paths: list[str], size: tuple[int, int] | None
-) -> list[tuple[np.ndarray | None, str | None]]:
-    return [_decode_one(path, size) for path in paths]
+def _decode_chunk(paths: list[str], fit: _Fit) -> list[tuple[np.ndarray | None, str | None]]:
+    return [_decode_one(path, fit) for path in paths]
 
 
 def _decode_files(
-    paths: list[str], size: tuple[int, int] | None, num_workers: int | None, progress: bool
+    paths: list[str], size: _Fit, num_workers: int | None, progress: bool
 ) -> list[tuple[np.ndarray | None, str | None]]:
     """Decode every path, in parallel across processes when there are many, with a progress bar."""
     from rich.console import Console
@@ -175,7 +222,8 @@ def _stack(paths: list[str], decoded: list[np.ndarray]) -> torch.Tensor:
         if array.shape != first_shape:
             raise ValueError(
                 f"images differ in size: {paths[0]!r} is {first_shape[0]}x{first_shape[1]} but {path!r} is "
-                f"{array.shape[0]}x{array.shape[1]} (HxW); pass size=(H, W) to load_image_folder/load_csv to resize them"
+                f"{array.shape[0]}x{array.shape[1]} (HxW); set data.image_size=N (size=(H, W) in Python) to "
+                "fit them to one size"
             )
     return torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()
 
@@ -192,18 +240,34 @@ def load_images(
     size: tuple[int, int] | None = None,
     num_workers: int | None = 0,
     progress: bool = False,
+    aspect: str = "squash",
+    crop_fraction: float = 1.0,
 ) -> torch.Tensor:
-    """Decode image files for prediction, with the same RGB conversion as the loaders.
+    """Decode image files for prediction, with the same RGB conversion and fitting as the loaders.
+
+    Args:
+        size, aspect, crop_fraction: as ``load_image_folder``; pass a checkpoint's preprocessing so a single
+            photo is seen as the run's evaluation saw its images.
 
     Returns:
         (N, 3, H, W) uint8. Any unreadable file is a ValueError naming it; mixed sizes need ``size``.
     """
-    size = _check_size(size)
-    results = _decode_files(list(paths), size, num_workers, progress)
+    fit = _make_fit(size, aspect, crop_fraction)
+    results = _decode_files(list(paths), fit, num_workers, progress)
     bad = [(p, reason) for p, (_, reason) in zip(paths, results) if reason is not None]
     if bad:
         raise ValueError(_bad_files_message(bad))
     return _stack(list(paths), [array for array, _ in results])
+
+
+def _make_fit(size, aspect: str, crop_fraction: float) -> _Fit:
+    from trickbag.transforms import ASPECTS, eval_size
+
+    if aspect not in ASPECTS:
+        raise ValueError(f"aspect must be one of {ASPECTS}, got {aspect!r}")
+    if size is not None:
+        eval_size(1, crop_fraction)  # validates crop_fraction
+    return _Fit(_check_size(size), aspect, float(crop_fraction))
 
 
 def _check_size(size) -> tuple[int, int] | None:
@@ -281,9 +345,12 @@ def _decode_cached(
     skip_bad_images: bool,
     num_workers: int | None,
     progress: bool,
-    size: tuple[int, int] | None,
+    size: _Fit,
+    decode: bool = True,
 ) -> ImageSet:
     """Decode ``paths`` once; later calls with the same files (names, sizes, mtimes) read the cache."""
+    if not decode:
+        return ImageSet(None, torch.tensor(labels, dtype=torch.int64), classes, list(paths))
     digest = hashlib.sha256(f"trickbag-cache v{CACHE_VERSION}\n{root}\n{size}\n{key_extra}\n".encode())
     for path, label in zip(paths, labels):
         stat = os.stat(path)
@@ -328,12 +395,18 @@ def load_image_folder(
     num_workers: int | None = None,
     progress: bool = True,
     size: tuple[int, int] | None = None,
+    aspect: str = "squash",
+    crop_fraction: float = 1.0,
+    decode: bool = True,
 ) -> ImageSet:
-    """Images in ``root/<class>/*.jpg|jpeg|png|bmp|webp``, decoded once into a cached uint8 array.
+    """Images in ``root/<class>/...*.jpg|jpeg|png|bmp|webp``, decoded once into a cached uint8 array.
 
-    Classes are the sorted subfolder names (hidden folders ignored); every image becomes RGB (greyscale
+    Classes are the sorted subfolder names (hidden folders ignored); files are found as ``list_image_folder``
+    lists them (recursively, hidden files and folders skipped). Every image becomes RGB (greyscale
     copied to 3 channels, RGBA's alpha dropped). All images must share a size unless ``size=(H, W)``
-    resizes them. The cache (``cache_dir``, default $TRICKBAG_CACHE_DIR, $XDG_CACHE_HOME/trickbag or
+    fits them to it: to ``size / crop_fraction`` with ``aspect`` handling (``trickbag.transforms.ASPECTS``:
+    "squash" resizes both sides, "crop" the shorter one and centre-crops, "pad" letterboxes), then a centre crop
+    of ``size``. The cache (``cache_dir``, default $TRICKBAG_CACHE_DIR, $XDG_CACHE_HOME/trickbag or
     ~/.cache/trickbag; see ``trickbag.cache``) is keyed by the absolute root and the sorted file list with sizes
     and mtimes, so editing any file re-decodes; nothing is written into ``root``.
 
@@ -342,24 +415,14 @@ def load_image_folder(
             list it in the result's ``skipped``.
         num_workers: decoding processes (None: one per CPU core; 0: decode in this process).
         progress: show a progress bar (only on a terminal).
+        decode: False only lists the files: ``images`` is None (for ``trickbag.streaming``).
 
     Returns:
         ImageSet with images (N, 3, H, W) uint8 and absolute ``paths``.
     """
-    size = _check_size(size)
+    fit = _make_fit(size, aspect, crop_fraction)
     root_path = Path(root).expanduser().resolve()
-    if not root_path.is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist; expected {_FOLDER_LAYOUT}")
-    classes = sorted(p.name for p in root_path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise ValueError(f"{str(root)!r} has no class subfolders; expected {_FOLDER_LAYOUT}")
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(str(p) for p in (root_path / name).iterdir() if p.is_file() and _is_image(p))
-        paths += files
-        labels += [label] * len(files)
-    if not paths:
-        raise ValueError(f"no images in the class subfolders of {str(root)!r}; expected {_FOLDER_LAYOUT}")
+    paths, labels, classes = list_image_folder(root_path)
     return _decode_cached(
         paths,
         labels,
@@ -370,7 +433,8 @@ def load_image_folder(
         skip_bad_images=skip_bad_images,
         num_workers=num_workers,
         progress=progress,
-        size=size,
+        size=fit,
+        decode=decode,
     )
 
 
@@ -383,6 +447,9 @@ def load_csv(
     num_workers: int | None = None,
     progress: bool = True,
     size: tuple[int, int] | None = None,
+    aspect: str = "squash",
+    crop_fraction: float = 1.0,
+    decode: bool = True,
 ) -> ImageSet:
     """Images listed in a CSV with columns ``path,label``.
 
@@ -436,5 +503,6 @@ def load_csv(
         skip_bad_images=skip_bad_images,
         num_workers=num_workers,
         progress=progress,
-        size=_check_size(size),
+        size=_make_fit(size, aspect, crop_fraction),
+        decode=decode,
     )
