@@ -36,7 +36,30 @@ _NORM_TYPES: tuple[type[nn.Module], ...] = (
 # Parameter groups and LR scaling
 
 
-def param_groups(model: nn.Module, weight_decay: float, *, no_decay_bias_norm: bool = True) -> list[dict]:
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the classifier head's parameters: those of the model's last ``nn.Linear`` (in module order).
+
+    That is the head of every trickbag model and of timm's and torchvision's classifiers (``fc``, ``head``,
+    ``classifier[-1]``); a model without a Linear layer has no head here (empty list).
+    """
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    if last is None:
+        return []
+    prefix = f"{last}." if last else ""
+    return [prefix + name for name, _ in model.get_submodule(last).named_parameters()]
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    *,
+    no_decay_bias_norm: bool = True,
+    backbone_lr_factor: float = 1.0,
+    head: Iterable[str] | None = None,
+) -> list[dict]:
     """Split a model's trainable parameters into a weight-decay group and a no-decay group.
 
     Biases, the weights of normalization layers and every other parameter with ``ndim <= 1`` get no weight
@@ -48,13 +71,24 @@ def param_groups(model: nn.Module, weight_decay: float, *, no_decay_bias_norm: b
         model: any ``nn.Module``.
         weight_decay: decay of the "decay" group, ``>= 0``.
         no_decay_bias_norm: False puts every parameter into one "decay" group.
+        backbone_lr_factor: != 1 splits each group into the head's parameters and the backbone's (every other
+            one), whose group gets ``"lr_factor": backbone_lr_factor`` (fine-tuning: a pretrained backbone
+            learns slower than the new head); ``build_optimizer`` multiplies the LR by it.
+        head: names of the head's parameters; None: ``head_parameter_names(model)``.
     Returns:
         Param-group dicts ``{"name": "decay" | "no_decay", "params": [...], "weight_decay": float}`` in model
-        order, empty groups omitted; pass them to any ``torch.optim`` optimizer.
+        order, empty groups omitted; pass them to any ``torch.optim`` optimizer. With a backbone factor the
+        names are ``head_decay``, ``head_no_decay``, ``backbone_decay``, ``backbone_no_decay``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_nonnegative("weight_decay", weight_decay)
+    if isinstance(backbone_lr_factor, bool) or not isinstance(backbone_lr_factor, (int, float)):
+        raise ValueError(f"backbone_lr_factor must be a number > 0, got {backbone_lr_factor!r}")
+    if not backbone_lr_factor > 0:
+        raise ValueError(f"backbone_lr_factor must be a number > 0, got {backbone_lr_factor!r}")
+    if backbone_lr_factor != 1.0:
+        return _split_head(model, weight_decay, no_decay_bias_norm, float(backbone_lr_factor), head)
 
     # A parameter shared by a norm layer and another layer counts as a norm parameter wherever it is seen.
     norm_param_ids = set()
@@ -75,6 +109,27 @@ def param_groups(model: nn.Module, weight_decay: float, *, no_decay_bias_norm: b
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
     return [group for group in groups if group["params"]]
+
+
+def _split_head(model: nn.Module, weight_decay, no_decay_bias_norm, factor: float, head) -> list[dict]:
+    """param_groups split into the head's and the backbone's parameters (the backbone's LR times ``factor``)."""
+    names = list(head_parameter_names(model) if head is None else head)
+    known = dict(model.named_parameters())
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise ValueError(
+            f"head parameter names {unknown or names} are not parameters of the model; "
+            f"its last ones are {list(known)[-4:]}"
+        )
+    head_ids = {id(known[name]) for name in names}
+    groups = []
+    for group in param_groups(model, weight_decay, no_decay_bias_norm=no_decay_bias_norm):
+        for part in ("head", "backbone"):
+            params = [p for p in group["params"] if (id(p) in head_ids) == (part == "head")]
+            if params:
+                extra = {"lr_factor": factor} if part == "backbone" else {}
+                groups.append({**group, "name": f"{part}_{group['name']}", "params": params, **extra})
+    return groups
 
 
 def scale_lr(base_lr: float, batch_size: int, *, base_batch_size: int = 256) -> float:
@@ -141,6 +196,13 @@ def build_optimizer(
         raise ValueError(f"eps must be > 0, got {eps}")
 
     params = list(params)
+    # A group's "lr_factor" (param_groups' backbone factor) gives it its own LR; schedules scale each group's.
+    params = [
+        {**group, "lr": lr * group["lr_factor"]}
+        if isinstance(group, dict) and "lr_factor" in group
+        else group
+        for group in params
+    ]
     if implementation == "fused" and name not in _FUSED_CAPABLE:
         raise ValueError(
             f"implementation='fused' is not available for {name!r}; use one of {list(_FUSED_CAPABLE)}"

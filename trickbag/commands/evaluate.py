@@ -61,14 +61,15 @@ def handle_eval(args) -> int:
     from trickbag.config import config_from_dict
     from trickbag.metrics import ClassificationMetrics
     from trickbag.precision import Precision
+    from trickbag.streaming import fit_args, loader_for
     from trickbag.train import evaluate
 
     device = resolve_device("auto")
     model, ckpt = load_model(args.checkpoint, device)
-    classes, (channels, height, width) = ckpt.meta["classes"], ckpt.meta["image_shape"]
+    classes, channels = ckpt.meta["classes"], ckpt.meta["image_shape"][0]
     cfg = config_from_dict(ckpt.meta["config"], str(ckpt.path / "meta.json"))
-    if args.data:
-        imageset = align_classes(data.load_image_folder(args.data, size=(height, width)), classes)
+    if args.data:  # fitted as the run's evaluation fitted its images (size, aspect, centre crop)
+        imageset = align_classes(data.load_image_folder(args.data, **fit_args(ckpt.meta)), classes)
         described = f"the image folder {args.data}"
     else:  # the run's own split, drawn exactly as the run drew it (data.split_seed)
         splits = dict(zip(("train", "val", "test"), load_datasets(cfg)))
@@ -81,20 +82,27 @@ def handle_eval(args) -> int:
         described = f"the run's {args.split} split" + (
             " (it chose this checkpoint)" if args.split == "val" else ""
         )
-    images = match_channels(imageset.images, channels)
     # Evaluate as the run did: its precision, memory format, loss (smoothing, class weights) and flip TTA.
-    loader = data.BatchLoader.for_eval(
-        images, imageset.labels, batch_size=256, device=device, mean=ckpt.meta["mean"], std=ckpt.meta["std"],
-        channels_last=cfg.data.channels_last,
-    )  # fmt: skip
+    common = {"batch_size": 256, "device": device, "mean": ckpt.meta["mean"], "std": ckpt.meta["std"],
+              "channels_last": cfg.data.channels_last}  # fmt: skip
+    if imageset.images is None:  # the run streamed its data: so does its evaluation
+        loader = loader_for(cfg.data, imageset, train=False, **common)
+    else:
+        loader = data.BatchLoader.for_eval(
+            match_channels(imageset.images, channels), imageset.labels, **common
+        )
     top_k = requested_top_k(cfg, len(classes))
     metrics = ClassificationMetrics(len(classes), class_names=classes, top_k=top_k, zero_division=0.0)
-    loss_fn = loss_from_config(cfg, len(classes), ckpt.meta.get("class_weights"))
+    loss_fn = loss_from_config(
+        cfg, len(classes), ckpt.meta.get("class_weights"), class_counts=ckpt.meta.get("class_counts")
+    )
+    if hasattr(loss_fn, "set_epoch"):  # deferred re-weighting: the weights of the checkpoint's last epoch
+        loss_fn.set_epoch(max(int(ckpt.meta.get("epoch") or 1) - 1, 0))
     precision = Precision(cfg.precision, device) if precision_runs(cfg.precision, device) else None
     scores = evaluate(
         model, loader, loss_fn, metrics, precision=precision, flip_tta=args.flip_tta or cfg.eval.flip_tta
     )
-    print(f"{ckpt.path} (epoch {ckpt.meta.get('epoch')}) on {described}: {len(images)} images")
+    print(f"{ckpt.path} (epoch {ckpt.meta.get('epoch')}) on {described}: {len(imageset)} images")
     table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -42,18 +42,20 @@ def handle_predict(args) -> int:
     from trickbag import data
     from trickbag.config import config_from_dict
     from trickbag.precision import Precision
+    from trickbag.streaming import fit_args
     from trickbag.train import predict_probabilities
 
     device = resolve_device("auto")
     model, ckpt = load_model(args.checkpoint, device)
-    classes, (channels, height, width) = ckpt.meta["classes"], ckpt.meta["image_shape"]
+    classes, channels = ckpt.meta["classes"], ckpt.meta["image_shape"][0]
     paths, labels = [], []
     for item in args.images:
         for file in map(Path, data.list_images(item)):
             paths.append(file)
             # The true class is known when the image sits in a folder named after a class (root/<class>/x.jpg).
             labels.append(file.parent.name if Path(item).is_dir() and file.parent.name in classes else "")
-    images = match_channels(data.load_images([str(p) for p in paths], size=(height, width)), channels)
+    # Any photo is fitted as the run's evaluation fitted its images (size, aspect, centre crop), from the checkpoint.
+    images = match_channels(data.load_images([str(p) for p in paths], **fit_args(ckpt.meta)), channels)
     cfg = config_from_dict(ckpt.meta["config"], str(ckpt.path / "meta.json"))
     loader = data.BatchLoader.for_eval(
         images, None, batch_size=args.batch_size, device=device, mean=ckpt.meta["mean"], std=ckpt.meta["std"],
