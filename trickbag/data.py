@@ -201,6 +201,8 @@ class BatchLoader:
         flip: random horizontal flips with probability 0.5.
         channels_last: return batches in ``torch.channels_last`` memory format.
         padding_mode: "reflect" or "zeros" (zeros after normalising = the mean colour).
+        sampler: optional object whose ``indices(epoch)`` (M,) int64 replaces the shuffled order and whose
+            ``len()`` is M (e.g. ``trickbag.longtail.ClassBalancedSampler``).
     """
 
     def __init__(
@@ -219,6 +221,7 @@ class BatchLoader:
         flip: bool = False,
         channels_last: bool = False,
         padding_mode: str = "reflect",
+        sampler=None,
     ) -> None:
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
             raise TypeError(
@@ -268,6 +271,7 @@ class BatchLoader:
         self.flip = bool(flip)
         self.channels_last = bool(channels_last)
         self.padding_mode = padding_mode
+        self.sampler = sampler
         # Folding the scale into one multiply-add: x * scale + shift == (x / 255 - mean) / std.
         std_t = torch.tensor(std, dtype=torch.float32)
         self._scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1).to(self.device)
@@ -299,7 +303,7 @@ class BatchLoader:
         )
 
     def __len__(self) -> int:
-        n = len(self.images)
+        n = len(self.images) if self.sampler is None else len(self.sampler)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -324,9 +328,12 @@ class BatchLoader:
 
         Offsets and flips are indexed by position in the epoch's order, drawn in a fixed sequence.
         """
-        n = len(self.images)
+        n = len(self.images) if self.sampler is None else len(self.sampler)
         generator = epoch_generator(self.seed, epoch)
-        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        if self.sampler is not None:
+            order = self.sampler.indices(epoch)
+        else:
+            order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
         offsets = None
         if self.crop_padding > 0:
             offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=generator)

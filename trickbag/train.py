@@ -309,6 +309,8 @@ def fit(
             loaders.train.set_epoch(epoch)
         if parts.mixer is not None:
             parts.mixer.set_epoch(epoch)
+        if hasattr(parts.loss_fn, "set_epoch"):  # deferred re-weighting switches its class weights by epoch
+            parts.loss_fn.set_epoch(epoch)
         window, losses, images, skipped = [], [], 0, 0
         for index, (x, y) in enumerate(loaders.train):
             first, last, group_size = accumulation_step(index, num_batches, options.accumulate)
