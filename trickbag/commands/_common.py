@@ -61,6 +61,12 @@ def print_summary(run: Run, results: dict) -> None:
             f"report this: test {metric} {chosen['test'][metric]:.4f} of best_metric (epoch {chosen['epoch']}, "
             f"chosen by val {metric} {chosen['val'].get(metric, float('nan')):.4f})"
         )
+    elif "last" in results["checkpoints"] and "test" in results["checkpoints"]["last"]:
+        last = results["checkpoints"]["last"]
+        console.print(
+            f"report this: test {metric} {last['test'][metric]:.4f} of last (epoch {last['epoch']}; no validation "
+            "set, so nothing was chosen)"
+        )
     elif "test" not in splits:
         console.print("no test set: the scores above are validation scores, which chose the checkpoints")
     if results["stopped_early"]:
