@@ -478,12 +478,16 @@ def load_pretrained(model: nn.Module, path, *, head: list[str] | None = None) ->
 
 class BackboneFreezer:
     """Trains only the head for the first ``epochs`` epochs: ``set_epoch(e)`` freezes the other parameters
-    (``requires_grad=False``, so they get no gradient and the optimizer skips them) while ``e < epochs`` and
-    unfreezes them after. Call it at each epoch start, after the optimizer was built with every parameter.
-    BatchNorm statistics of the backbone still adapt to the new data while frozen.
+    (``requires_grad=False``, so they get no gradient and the optimizer skips them: no decay, no momentum) while
+    ``e < epochs`` and unfreezes them after. Call it at each epoch start, after the optimizer was built with every
+    parameter. BatchNorm statistics of the backbone still adapt to the new data while frozen.
+
+    ``optimizer``: on unfreezing, SGD parameters that never stepped get a zero momentum buffer, which is what
+    their first step would create (with dampening 0); torch's fused SGD cannot step a mix of parameters with and
+    without one.
     """
 
-    def __init__(self, model: nn.Module, epochs: int, head: list[str] | None = None) -> None:
+    def __init__(self, model: nn.Module, epochs: int, head: list[str] | None = None, optimizer=None) -> None:
         from trickbag.optim import head_parameter_names
 
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
@@ -491,13 +495,22 @@ class BackboneFreezer:
         names = set(head_parameter_names(model) if head is None else head)
         if epochs and not names:
             raise ValueError("freeze_backbone_epochs needs a classifier head (a last nn.Linear); none found")
-        self.epochs = epochs
+        self.epochs, self.optimizer = epochs, optimizer
         self.backbone = [p for name, p in model.named_parameters() if name not in names and p.requires_grad]
 
     def set_epoch(self, epoch: int) -> None:
         frozen = epoch < self.epochs
         for parameter in self.backbone:
             parameter.requires_grad_(not frozen)
+        if not frozen and isinstance(self.optimizer, torch.optim.SGD):
+            for group in self.optimizer.param_groups:
+                if group["momentum"] == 0 or group["dampening"] != 0:
+                    continue
+                started = any("momentum_buffer" in self.optimizer.state.get(p, {}) for p in group["params"])
+                for parameter in group["params"] if started else ():
+                    state = self.optimizer.state[parameter]
+                    if state.get("momentum_buffer") is None:
+                        state["momentum_buffer"] = torch.zeros_like(parameter)
 
 
 class Renormalized(nn.Module):

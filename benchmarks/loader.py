@@ -1,0 +1,153 @@
+"""Streaming loader vs the usual per-image pipeline, same run: random-resized-crop 224² + flip from JPEG files.
+
+torchvision is not installed here (its wheel is a multi-GB CUDA build), so the reference is torchvision's
+ImageFolder + RandomResizedCrop + RandomHorizontalFlip + ToTensor + Normalize pipeline written the usual way: a
+``torch.utils.data.Dataset`` that opens each file with PIL, decodes it in full, crops and resizes it with PIL
+(``Image.resize(box=...)``, what torchvision's PIL path does), flips, converts to a normalised float tensor, and a
+``DataLoader`` with the same workers and batch size collating the samples. Ours: ``trickbag.streaming``
+(a whole batch per worker item, JPEG draft decoding at a reduced size when the crop allows it, uint8 batches,
+normalised in the main process), with draft on and off.
+
+The images: CIFAR-10 test JPEGs (/work/data/cifar10) upscaled to phone-like 640x480 JPEGs once, in a temp folder
+(or generated noise-free gradients when that folder is missing). The trainer's wait: a simulated model step of
+``--step-ms`` per batch; the fraction of wall time spent waiting for the next batch is reported.
+
+    .venv/bin/python benchmarks/loader.py --images 256 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from trickbag.streaming import StreamingLoader
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def make_images(folder: Path, count: int, size=(640, 480)) -> list[str]:
+    source = Path("/work/data/cifar10/test/airplane")
+    files = sorted(source.glob("*.jpg"))[:count] if source.is_dir() else []
+    paths = []
+    for i in range(count):
+        if files:
+            image = Image.open(files[i % len(files)]).convert("RGB").resize(size, Image.BICUBIC)
+        else:
+            y, x = np.mgrid[0 : size[1], 0 : size[0]]
+            image = Image.fromarray(np.stack([x % 256, y % 256, (x + y + i) % 256], 2).astype(np.uint8))
+        path = folder / f"{i:05d}.jpg"
+        image.save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+class PerImageRRC(torch.utils.data.Dataset):
+    """The usual pipeline: PIL open + full decode, RandomResizedCrop (10 tries), flip, float normalise, per image."""
+
+    def __init__(self, paths, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.paths, self.size, self.scale, self.ratio = paths, size, scale, ratio
+        self.mean = torch.tensor(MEAN).view(3, 1, 1)
+        self.std = torch.tensor(STD).view(3, 1, 1)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def box(self, width, height):  # torchvision.transforms.RandomResizedCrop.get_params
+        area = width * height
+        for _ in range(10):
+            target = area * random.uniform(*self.scale)
+            aspect = math.exp(random.uniform(math.log(self.ratio[0]), math.log(self.ratio[1])))
+            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                top, left = random.randint(0, height - h), random.randint(0, width - w)
+                return left, top, left + w, top + h
+        side = min(width, height)
+        return (width - side) // 2, (height - side) // 2, (width + side) // 2, (height + side) // 2
+
+    def __getitem__(self, index):
+        with open(self.paths[index], "rb") as handle:
+            image = Image.open(handle).convert("RGB")
+        image = image.resize((self.size, self.size), Image.BILINEAR, box=self.box(*image.size))
+        if random.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+        return (x - self.mean) / self.std, 0
+
+
+def time_loader(batches, step_s: float) -> tuple[float, float, int]:
+    """(images/s with no model, fraction of time waiting with a model step of step_s, images)."""
+    images, started = 0, time.perf_counter()
+    for x, _ in batches():
+        images += len(x)
+    free = images / (time.perf_counter() - started)
+    waited, started = 0.0, time.perf_counter()
+    before = time.perf_counter()
+    for _ in batches():
+        waited += time.perf_counter() - before
+        time.sleep(step_s)  # the model's step: the workers keep decoding meanwhile
+        before = time.perf_counter()
+    return free, waited / (time.perf_counter() - started), images
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--step-ms", type=float, default=None, help="simulated model step (default: 2x ours)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as folder:
+        paths = make_images(Path(folder), args.images)
+        labels = torch.zeros(len(paths), dtype=torch.int64)
+        common = {"workers": args.workers, "batch": args.batch_size}
+
+        def ours(draft: bool):
+            loader = StreamingLoader(
+                paths, labels, image_size=args.size, batch_size=args.batch_size, shuffle=True, mean=MEAN,
+                std=STD, random_resized_crop=True, flip=True, num_workers=args.workers, draft=draft,
+            )  # fmt: skip
+
+            def run():
+                loader.set_epoch(loader.epoch)
+                return iter(loader)
+
+            return run
+
+        reference_loader = torch.utils.data.DataLoader(
+            PerImageRRC(paths, args.size), batch_size=args.batch_size, shuffle=True,
+            num_workers=args.workers, persistent_workers=args.workers > 0,
+            prefetch_factor=4 if args.workers else None,
+        )  # fmt: skip
+        runs = {"reference (per-image PIL)": lambda: iter(reference_loader),
+                "trickbag streaming, draft": ours(True), "trickbag streaming, no draft": ours(False)}  # fmt: skip
+        for run in runs.values():  # warm-up: worker start-up and the page cache
+            next(run())
+        free = {name: time_loader(run, 0.0)[0] for name, run in runs.items()}
+        step = (
+            (args.step_ms / 1e3) if args.step_ms else args.batch_size / free["trickbag streaming, draft"] * 2
+        )
+        print(f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {args.images} 640x480 "
+              f"JPEGs -> RRC {args.size}² + flip, batch {args.batch_size}, {common['workers']} workers")  # fmt: skip
+        print(f"simulated model step {step * 1e3:.0f} ms per batch")
+        for name, run in runs.items():
+            _, waiting, _ = time_loader(run, step)
+            ratio = free[name] / free["reference (per-image PIL)"]
+            print(
+                f"{name:32s} {free[name]:8.1f} images/s ({ratio:4.2f}x), waiting {100 * waiting:5.1f}% of the time"
+            )
+
+
+if __name__ == "__main__":
+    main()
