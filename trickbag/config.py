@@ -102,6 +102,9 @@ class TrainConfig(_Section):
     log_every: int = Field(50, ge=1)  # running loss printed every this many optimizer updates
     eval_every_epochs: int = Field(1, ge=1)
     nan_policy: Literal["stop", "skip"] = "stop"
+    # Several processes only: BatchNorm statistics over the union of every process's batch. Without it each
+    # process normalises with its own batch's statistics and the running statistics are rank 0's.
+    sync_bn: bool = False
 
 
 # Keys of trickbag.metrics.ClassificationMetrics.compute() plus the validation loss; "topK_accuracy" also works.
@@ -260,7 +263,9 @@ class Config(_Section):
     seed: int = Field(0, ge=0)
     device: str = "auto"  # "auto" -> cuda if available else cpu
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1)  # per micro-batch
+    # Per micro-batch and per process: with torchrun's N processes an update sees batch_size x accumulate x N
+    # images, and the linear LR scaling rule uses that global effective batch.
+    batch_size: int = Field(128, ge=1)
     accumulate: int = Field(1, ge=1)  # micro-batches per optimizer update
     output_dir: str = "runs"
     deterministic: bool = False

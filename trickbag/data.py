@@ -32,6 +32,7 @@ __all__ = [
     "split_validation",
     "channel_stats",
     "epoch_generator",
+    "shard_positions",
     "load_image_folder",
     "load_csv",
     "load_images",
@@ -176,6 +177,36 @@ def random_flip(images: torch.Tensor, flip_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, images.flip(3), images)
 
 
+def _check_shard(rank: int, world_size: int) -> None:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+
+
+def shard_positions(n: int, rank: int, world_size: int, batch_size: int, drop_last: bool) -> torch.Tensor:
+    """Positions (in an epoch's order of ``n`` items) that rank ``rank`` of ``world_size`` takes, in order.
+
+    Strided: ``rank, rank + world_size, ...``. Taken ``batch_size`` at a time, the k-th batch of every rank
+    together is exactly the k-th batch of size ``batch_size * world_size`` of one process. With ``drop_last``
+    the order is first cut to whole global batches, so every rank has the same number of full batches (DDP
+    steps together); without it each item is taken exactly once, and ranks may differ by one item (and one
+    batch): for evaluation, where nothing is padded or duplicated.
+
+    Returns:
+        (M,) int64.
+    """
+    _check_shard(rank, world_size)
+    stop = (n // (batch_size * world_size)) * batch_size * world_size if drop_last else n
+    return torch.arange(rank, stop, world_size)
+
+
+def shard_size(n: int, rank: int, world_size: int, batch_size: int, drop_last: bool) -> int:
+    """``len(shard_positions(...))`` without building it."""
+    stop = (n // (batch_size * world_size)) * batch_size * world_size if drop_last else n
+    return max(0, math.ceil((stop - rank) / world_size))
+
+
 class BatchLoader:
     """Batches from in-memory uint8 tensors, normalised and augmented on ``device``.
 
@@ -203,6 +234,10 @@ class BatchLoader:
         padding_mode: "reflect" or "zeros" (zeros after normalising = the mean colour).
         sampler: optional object whose ``indices(epoch)`` (M,) int64 replaces the shuffled order and whose
             ``len()`` is M (e.g. ``trickbag.longtail.ClassBalancedSampler``).
+        rank, world_size: this process's shard of each epoch (see ``shard_positions``): the epoch's plan
+            (order, crops, flips) is drawn exactly as with one process, then each rank takes its positions, so
+            every sample is used once per epoch across ranks and ``world_size`` x ``batch_size`` with the same
+            seed sees the same global batches, augmented identically, as one process with the global batch.
     """
 
     def __init__(
@@ -222,6 +257,8 @@ class BatchLoader:
         channels_last: bool = False,
         padding_mode: str = "reflect",
         sampler=None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
             raise TypeError(
@@ -238,6 +275,7 @@ class BatchLoader:
             raise ValueError(f"crop_padding must be an int >= 0, got {crop_padding!r}")
         if padding_mode not in ("reflect", "zeros"):
             raise ValueError(f"padding_mode must be 'reflect' or 'zeros', got {padding_mode!r}")
+        _check_shard(rank, world_size)
         if padding_mode == "reflect" and crop_padding >= min(images.shape[2], images.shape[3]):
             raise ValueError(
                 f"crop_padding={crop_padding} must be smaller than the image size {tuple(images.shape[2:])} "
@@ -272,6 +310,7 @@ class BatchLoader:
         self.channels_last = bool(channels_last)
         self.padding_mode = padding_mode
         self.sampler = sampler
+        self.rank, self.world_size = rank, world_size
         # Folding the scale into one multiply-add: x * scale + shift == (x / 255 - mean) / std.
         std_t = torch.tensor(std, dtype=torch.float32)
         self._scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1).to(self.device)
@@ -288,8 +327,11 @@ class BatchLoader:
         mean: list[float] | tuple[float, ...] | None = None,
         std: list[float] | tuple[float, ...] | None = None,
         channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> BatchLoader:
-        """A loader in eval mode: fixed order, every image once, no augmentation."""
+        """A loader in eval mode: fixed order, every image once (across ranks: no padded duplicates), no
+        augmentation."""
         return cls(
             images,
             labels,
@@ -300,10 +342,14 @@ class BatchLoader:
             mean=mean,
             std=std,
             channels_last=channels_last,
+            rank=rank,
+            world_size=world_size,
         )
 
     def __len__(self) -> int:
         n = len(self.images) if self.sampler is None else len(self.sampler)
+        if self.world_size > 1:
+            n = shard_size(n, self.rank, self.world_size, self.batch_size, self.drop_last)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -343,6 +389,11 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         epoch = self.epoch
         order, offsets, flips = self.epoch_plan(epoch)
+        if self.world_size > 1:  # this rank's positions of the epoch's plan
+            mine = shard_positions(len(order), self.rank, self.world_size, self.batch_size, self.drop_last)
+            order = order[mine]
+            offsets = None if offsets is None else offsets[mine]
+            flips = None if flips is None else flips[mine]
         order_device = order.to(self.device)
         n = len(order)
         stop = (n // self.batch_size) * self.batch_size if self.drop_last else n

@@ -131,7 +131,7 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
     """Data, model and trainer parts for ``cfg``; resolves ``eval.best_metric: auto`` from the training labels."""
     import torch
 
-    from trickbag import data
+    from trickbag import data, distributed
     from trickbag.checkpoint import Checkpointer
     from trickbag.config import build_optimizer_from_config, build_scheduler, config_to_dict, config_to_yaml
     from trickbag.losses import class_weights
@@ -148,8 +148,12 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=True)
-    logger = RunLogger(run_dir, tensorboard=cfg.logging.tensorboard, quiet=quiet)
-    device = resolve_device(cfg.device)
+    # Under torchrun (a process group with world > 1): rank 0 alone writes files; each rank has its device.
+    rank, world = distributed.rank(), distributed.world_size()
+    main = rank == 0
+    logger = RunLogger(run_dir if main else None, tensorboard=cfg.logging.tensorboard and main,
+                       quiet=quiet or not main)  # fmt: skip
+    device = resolve_device(cfg.device) if world == 1 else distributed.process_device(cfg.device)
     train_set, val_set, test_set = load_datasets(cfg, logger.info)
     classes, num_classes = list(train_set.classes), len(train_set.classes)
     counts = torch.bincount(train_set.labels, minlength=num_classes)
@@ -167,14 +171,22 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
     mean, std = data.channel_stats(train_set.images)
     torch.manual_seed(cfg.seed)  # model initialisation and dropout draw from torch's global generator
     model = build_model_for(cfg, num_classes, train_set.images.shape[1], device)
+    if cfg.train.sync_bn and world > 1:  # before the optimizer and the EMA (same parameter objects)
+        model = distributed.convert_sync_batchnorm(model)
     attach_posthoc_adjustment(model, cfg, counts.tolist())  # before the EMA copies the model (and its hook)
-    common = {"device": device, "mean": mean, "std": std, "channels_last": cfg.data.channels_last}
+    common = {"device": device, "mean": mean, "std": std, "channels_last": cfg.data.channels_last,
+              "rank": rank, "world_size": world}  # fmt: skip
+    if world > 1 and len(train_set) < cfg.batch_size * world:
+        raise ValueError(
+            f"{len(train_set)} training images are fewer than one global batch (batch_size={cfg.batch_size} "
+            f"per process x {world} processes); lower batch_size or use fewer processes"
+        )
     train_loader = data.BatchLoader(
         train_set.images,
         train_set.labels,
         batch_size=cfg.batch_size,
         shuffle=True,
-        drop_last=len(train_set) >= cfg.batch_size,
+        drop_last=len(train_set) >= cfg.batch_size or world > 1,  # DDP: equal full batches on every rank
         seed=cfg.seed,
         crop_padding=cfg.data.crop_padding,
         flip=cfg.data.flip,
@@ -188,7 +200,8 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
         else data.BatchLoader.for_eval(imageset.images, imageset.labels, batch_size=eval_batch, **common)
         for imageset in (val_set, test_set)
     )  # fmt: skip
-    optimizer = build_optimizer_from_config(model, cfg.optimizer, cfg.effective_batch_size)
+    # The linear scaling rule sees the global batch: per process x accumulate x processes.
+    optimizer = build_optimizer_from_config(model, cfg.optimizer, cfg.effective_batch_size * world)
     updates_per_epoch = math.ceil(len(train_loader) / cfg.accumulate)
     scheduler = build_scheduler(optimizer, cfg.schedule, steps_per_epoch=updates_per_epoch, epochs=cfg.epochs)
     weight = None
@@ -229,7 +242,16 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
         "updates_per_epoch": updates_per_epoch,  # with base_lr: `trickbag report` redraws the LR per update
         "base_lr": float(optimizer.param_groups[0]["initial_lr"]),
     }
-    (run_dir / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
+    if world > 1:
+        meta["world_size"] = world  # informative: a resume may use another number of processes
+    if main:
+        (run_dir / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
+    if world > 1:
+        logger.info(
+            f"{world} processes: batch_size {cfg.batch_size} per process, global batch per update "
+            f"{cfg.effective_batch_size * world}; BatchNorm "
+            + ("synchronised (train.sync_bn)" if cfg.train.sync_bn else "per process (train.sync_bn=false)")
+        )
     logger.info(
         f"run {run_dir}: {len(train_set)} train / {_count(val_set)} val / {_count(test_set)} test images, "
         f"{num_classes} classes, model {cfg.model.name}, device {device}, best metric {cfg.eval.best_metric} "
@@ -433,6 +455,7 @@ def finish_run(run: Run, state) -> dict[str, Any]:
     import copy
     import json
 
+    from trickbag import distributed
     from trickbag.checkpoint import atomic_write_bytes, load_checkpoint
     from trickbag.train import evaluate
 
@@ -442,8 +465,12 @@ def finish_run(run: Run, state) -> dict[str, Any]:
     checkpoints: dict[str, Any] = {}
     tested: dict[int, dict[str, float]] = {}  # epoch -> test scores: the same weights are tested once
     per_class: dict[int, list[dict]] = {}  # epoch -> precision/recall/F1 per class on test
+    paths = {
+        kind: parts.checkpointer.latest(kind) if parts.checkpointer is not None else None for kind in epochs
+    }
+    paths = distributed.broadcast_object(paths)  # several processes: rank 0's files decide, for every rank
     for kind, epoch in epochs.items():
-        path = parts.checkpointer.latest(kind) if parts.checkpointer is not None else None
+        path = paths[kind]
         if path is None or epoch == 0:
             continue
         row = state.history[epoch - 1] if 0 < epoch <= len(state.history) else {}
@@ -455,7 +482,9 @@ def finish_run(run: Run, state) -> dict[str, Any]:
                 model = current
                 if epoch != state.epoch:
                     model = copy.deepcopy(current)
-                    model.load_state_dict(load_checkpoint(path, with_state=False).weights)
+                    if distributed.is_main():
+                        model.load_state_dict(load_checkpoint(path, with_state=False).weights)
+                distributed.broadcast_module_state(model)  # rank 0's weights and buffers, what it saved
                 tested[epoch] = evaluate(model, loaders.test, parts.loss_fn, parts.metrics,
                                          precision=parts.precision, flip_tta=run.cfg.eval.flip_tta)  # fmt: skip
                 if hasattr(parts.metrics, "per_class"):
@@ -475,7 +504,8 @@ def finish_run(run: Run, state) -> dict[str, Any]:
         "skipped_updates": state.skipped_updates,
         "checkpoints": checkpoints,
     }
-    atomic_write_bytes(run.run_dir / RESULTS_FILE, json.dumps(results, indent=2).encode("utf-8"))
+    if distributed.is_main():
+        atomic_write_bytes(run.run_dir / RESULTS_FILE, json.dumps(results, indent=2).encode("utf-8"))
     return results
 
 

@@ -25,6 +25,7 @@ evaluation; ``precision.step(...)`` returns False on a skipped step, and the EMA
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trickbag import distributed
 from trickbag.checkpoint import capture_rng_state, restore_rng_state
 from trickbag.progress import Progress
 from trickbag.runlog import RunLogger
@@ -212,7 +214,9 @@ def evaluate(
     """Dataset-level loss and metrics of ``model`` on ``loader`` (eval mode, no gradients, optional flip TTA).
 
     The loss is ``sum_i w_i l_i / sum_i w_i`` over the whole set (accumulated in float64), so it does not
-    depend on the batch size or on the order of the samples.
+    depend on the batch size or on the order of the samples. A loader that is one rank's shard (its
+    ``world_size`` > 1, e.g. ``BatchLoader(..., rank=r, world_size=W)``) has its sums and metric statistics
+    added up over the ranks: every rank returns the scores of the whole set, each sample counted once.
 
     Returns:
         {"loss": float, **metrics.compute()} (numeric metrics only); loss is nan for an empty loader.
@@ -232,6 +236,10 @@ def evaluate(
         if metrics is not None:
             metrics.update(logits.softmax(1), y)  # probabilities: AUROC ranks them, not raw logits
     model.train(was_training)
+    if getattr(loader, "world_size", 1) > 1:  # this rank saw its shard: add up every rank's statistics
+        numerator, denominator, seen = distributed.reduce_loss_sums(numerator, denominator, seen)
+        if metrics is not None:
+            distributed.reduce_metric_state(metrics)
     result = {LOSS: float(numerator / denominator) if seen else math.nan}
     if metrics is not None and seen:
         for key, value in metrics.compute().items():
@@ -301,6 +309,19 @@ def fit(
         return state
     params = [p for p in model.parameters() if p.requires_grad]
     weighted = is_weighted(parts.loss_fn)
+    # Several processes (torchrun): DDP averages gradients, rank 0 alone writes. One process: none of this.
+    ddp = distributed.is_distributed()
+    train_model = model
+    if ddp:
+        if not distributed.all_ranks_agree(num_batches):
+            raise ValueError(
+                f"rank {distributed.rank()} has {num_batches} training batches but another rank has a "
+                "different number: DDP steps all ranks together (use BatchLoader(rank=, world_size=, "
+                "drop_last=True))"
+            )
+        train_model = distributed.wrap_ddp(model)
+        if not distributed.is_main():
+            log = RunLogger(quiet=True)
     progress = Progress(log, total=num_batches * (options.epochs - state.epoch))
     for epoch in range(state.epoch, options.epochs):
         started = time.perf_counter()
@@ -311,6 +332,8 @@ def fit(
             parts.mixer.set_epoch(epoch)
         if hasattr(parts.loss_fn, "set_epoch"):  # deferred re-weighting switches its class weights by epoch
             parts.loss_fn.set_epoch(epoch)
+        if ddp:
+            _seed_rank_streams(getattr(loaders.train, "seed", 0), epoch, parts)
         window, losses, images, skipped = [], [], 0, 0
         for index, (x, y) in enumerate(loaders.train):
             first, last, group_size = accumulation_step(index, num_batches, options.accumulate)
@@ -319,21 +342,37 @@ def fit(
                 # Any constant works (the gradients are rescaled below); this one makes the rescale a no-op
                 # for unweighted micro-batches of equal size, the common case.
                 scale, kept_weight, kept_samples = float(len(x) * group_size), 0.0, 0
-            total, weight = training_loss_sums(model, x, y, parts, options)
-            # nan_policy=skip must look at every loss (one host sync per step); "stop" checks once per log window.
-            if options.nan_policy == "skip" and not torch.isfinite(total):
-                skipped += 1
-            else:
-                parts.precision.backward(total / scale)
-                kept_weight = kept_weight + (weight.detach().float() if torch.is_tensor(weight) else weight)
-                kept_samples += len(x)
-                window.append(total.detach() / weight)
+                if ddp:  # the same constant on every rank, whatever this rank's micro-batch holds
+                    scale = float(getattr(loaders.train, "batch_size", len(x)) * group_size)
+            # DDP all-reduces the gradients once per group: on its last micro-batch, not under no_sync.
+            with train_model.no_sync() if ddp and not last else contextlib.nullcontext():
+                total, weight = training_loss_sums(train_model, x, y, parts, options)
+                # nan_policy=skip must look at every loss (one host sync per step); "stop" checks once per
+                # log window. With DDP all ranks skip together (one verdict), or the all-reduce would hang.
+                if options.nan_policy == "skip" and not (
+                    distributed.all_finite(total) if ddp else torch.isfinite(total)
+                ):
+                    skipped += 1
+                    reduced = not last
+                else:
+                    parts.precision.backward(total / scale)
+                    kept_weight = kept_weight + (
+                        weight.detach().float() if torch.is_tensor(weight) else weight
+                    )
+                    kept_samples += len(x)
+                    window.append(total.detach() / weight)
+                    reduced = True
             images += len(x)
             if last:
                 if kept_samples == 0:  # every micro-batch of the group was non-finite: no update at all
                     state.skipped_updates += 1
                 else:
-                    _normalise_gradients(params, scale, kept_weight if weighted else kept_samples)
+                    if ddp:
+                        _normalise_ddp_gradients(
+                            params, scale, kept_weight if weighted else kept_samples, reduced
+                        )
+                    else:
+                        _normalise_gradients(params, scale, kept_weight if weighted else kept_samples)
                     stepped = parts.precision.step(
                         parts.optimizer, clip_grad_norm=options.clip_grad_norm, parameters=params
                     )
@@ -351,6 +390,10 @@ def fit(
                         )
                     window = []
             progress.advance(images, started)
+        if ddp:  # images of every rank (per-epoch throughput is the job's, not one process's)
+            images = int(
+                distributed.all_reduce_sum(torch.tensor([images], device=distributed.collective_device()))
+            )
         if skipped:
             log.info(
                 f"epoch {epoch + 1}: skipped {skipped} micro-batches with a non-finite loss (nan_policy=skip)"
@@ -370,10 +413,12 @@ def fit(
         log.epoch(row, state.history)
         if hasattr(log, "lr_trace"):
             log.lr_trace(state.lr_trace)
-        if parts.checkpointer is not None:
+        if parts.checkpointer is not None and distributed.is_main():
             parts.checkpointer.save(
                 "last", model, state=training_state(model, loaders, parts, state), epoch=epoch + 1
             )
+        if ddp:  # the others wait while rank 0 writes
+            distributed.barrier()
         if state.stopped_early:
             log.info(
                 f"early stopping after epoch {epoch + 1}: {options.early_stopping.patience} evaluations "
@@ -398,9 +443,22 @@ def _normalise_gradients(params: list[torch.Tensor], scale: float, weight) -> No
         torch._foreach_mul_(grads, scale / weight)
 
 
+def _normalise_ddp_gradients(params: list[torch.Tensor], scale: float, weight, reduced: bool) -> None:
+    """DDP's gradient is the mean over ranks of each rank's ``sum(w_i l_i) / scale``: turn it into the gradient
+    of the union's ``sum(w_i l_i) / sum(w_i)`` (one all-reduce of the weights, kept on the device)."""
+    if not reduced:  # the group's last micro-batch was skipped, so DDP reduced nothing: average here
+        distributed.average_gradients(params)
+    local = weight.reshape(1).float() if torch.is_tensor(weight) else torch.tensor([float(weight)])
+    everyone = distributed.all_reduce_sum(local.to(distributed.collective_device()))
+    _normalise_gradients(params, scale * distributed.world_size(), everyone[0])
+
+
 def _evaluate_epoch(model, loaders: Loaders, parts: Parts, options: FitOptions, state, epoch: int, progress):
     """Evaluate on val (EMA weights if any), feed the plateau schedule, save best checkpoints, early stopping."""
     eval_model = parts.ema.module if parts.ema is not None else model
+    if distributed.is_distributed():
+        # Without SyncBatchNorm each rank's running statistics are its own: evaluate rank 0's, the checkpoint.
+        distributed.broadcast_buffers(eval_model)
     scores = evaluate(eval_model, loaders.val, parts.loss_fn, parts.metrics, precision=parts.precision,
                       flip_tta=options.flip_tta)  # fmt: skip
     if not math.isfinite(scores[LOSS]):
@@ -426,11 +484,25 @@ def _evaluate_epoch(model, loaders: Loaders, parts: Parts, options: FitOptions, 
     return scores
 
 
+def _seed_rank_streams(seed: int, epoch: int, parts: Parts) -> None:
+    """DDP: dropout and mixing draw from streams of (seed, rank, epoch), so a resume with any number of
+    processes re-derives them; the data order and crops/flips are the loader's (seed, epoch) plan."""
+    rank = distributed.rank()
+    torch.manual_seed(distributed.rank_seed(seed, rank, epoch))  # also seeds every CUDA device
+    if parts.mixer is not None:
+        parts.mixer.generator.manual_seed(distributed.rank_seed(seed + 1, rank, epoch))
+
+
 def _check_window(window: list[torch.Tensor], epoch: int, updates: int, parts: Parts, progress) -> float:
-    """Mean of the window's losses (one host sync); non-finite -> NonFiniteLossError naming the step."""
+    """Mean of the window's losses (one host sync); non-finite -> NonFiniteLossError naming the step.
+
+    With several processes the window is every rank's: the same running loss and the same verdict on all.
+    """
     if not window:
         return math.nan
     losses = torch.stack(window).float()
+    if distributed.is_distributed():
+        losses = distributed.all_gather_rows(losses.to(distributed.collective_device()))
     finite = torch.isfinite(losses)
     if not bool(finite.all()):
         progress.close()
@@ -454,6 +526,8 @@ def _save_bests(
     model, parts: Parts, state: TrainState, epoch: int, scores, metric_name: str, mode: str
 ) -> None:
     val_scores = {f"val_{key}": value for key, value in scores.items()}
+    if not distributed.is_main():  # every rank keeps the same bests (scores are reduced); rank 0 writes
+        parts = dataclasses.replace(parts, checkpointer=None)
     if is_improvement(scores[LOSS], state.best_loss, "min"):
         state.best_loss, state.best_loss_epoch = scores[LOSS], epoch
         if parts.checkpointer is not None:

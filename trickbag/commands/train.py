@@ -24,6 +24,11 @@ EPILOG = """examples:
   trickbag train cifar10_fast data.root=/data/cifar10 precision=bf16
   trickbag train epochs=3                                    the default recipe with overrides
   trickbag train --resume runs/digits-001                    same as `trickbag resume runs/digits-001`
+  trickbag train cifar10_fast --nproc 4                      4 processes on this machine (torchrun, DDP)
+  torchrun --nproc-per-node 4 -m trickbag train cifar10_fast the same, launched by torchrun yourself
+
+With several processes batch_size is per process: an update sees batch_size x accumulate x processes images,
+and the linear LR scaling rule uses that global batch. Rank 0 alone writes the run folder.
 
 A run folder runs/<name>-NNN/ gets config.yaml, train.log, metrics.csv and the checkpoints
 last/, best_loss/ and best_metric/ (symlinks to folders named with epoch and value).
@@ -51,6 +56,14 @@ def register(subparsers) -> None:
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
     )
     parser.add_argument("--quiet", action="store_true", help="no console output except the final summary")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train with N processes on this machine (DistributedDataParallel through torchrun; "
+        "one per GPU, or gloo on the CPU)",
+    )
     parser.set_defaults(func=handle_train, print_help=parser.print_help)
 
 
@@ -63,29 +76,79 @@ def _options_among_overrides(args) -> None:
             args.quiet = True
         elif item == "--resume" and rest:
             args.resume = rest.pop(0)
+        elif item == "--nproc" and rest:
+            args.nproc = _positive_int(rest.pop(0), "--nproc")
+        elif item.startswith("--nproc="):
+            args.nproc = _positive_int(item.partition("=")[2], "--nproc")
         elif item in ("-h", "--help"):
             args.help_requested = True
         elif item.startswith("-"):
             raise ValueError(
-                f"unknown option {item!r} for trickbag train (options: --resume RUN_DIR, --quiet)"
+                f"unknown option {item!r} for trickbag train (options: --resume RUN_DIR, --quiet, --nproc N)"
             )
         else:
             overrides.append(item)
     args.overrides = overrides
 
 
+def _positive_int(text: str, name: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{name}={text!r} must be an int >= 1")
+    return int(text)
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run ``trickbag train ARGV`` in ``nproc`` processes through torch's own launcher; its exit code.
+
+    torchrun sets RANK / WORLD_SIZE / LOCAL_RANK and the rendezvous on this machine, and stops every process
+    as soon as one fails (printing the failing rank's error).
+    """
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "trickbag", "train", *argv]  # fmt: skip
+    return subprocess.call(command)
+
+
+def _relaunch_argv(args) -> list[str]:
+    argv = [args.config] if args.config else []
+    argv += list(args.overrides)
+    if args.resume:
+        argv += ["--resume", args.resume]
+    if args.quiet:
+        argv.append("--quiet")
+    return argv
+
+
 def handle_train(args) -> int:
-    from trickbag.config import load_config
+    from trickbag import distributed
 
     _options_among_overrides(args)
     if getattr(args, "help_requested", False):
         args.print_help()
         return 0
+    if args.nproc > 1 and distributed.env_world_size() == 1:
+        return launch_torchrun(args.nproc, _relaunch_argv(args))
+    if distributed.env_world_size() == 1:
+        return _train(args)
+    try:
+        return _train(args, several=True)
+    finally:
+        distributed.close()
+
+
+def _train(args, several: bool = False) -> int:
+    """One process of the run (several: under torchrun, joining its process group once the device is known)."""
+    from trickbag import distributed
+    from trickbag.config import load_config
+
     if args.resume:
         from trickbag.commands.resume import resume_run
 
         if args.config or args.overrides:
             raise ValueError("--resume takes no CONFIG or overrides: the run's own config.yaml is used")
+        if several:
+            _join(load_config(Path(args.resume) / "config.yaml").device)
         return resume_run(args.resume, quiet=args.quiet)
     if args.config and "=" in args.config and not Path(args.config).exists():
         args.overrides.insert(0, args.config)  # `trickbag train epochs=3`: an override, not a CONFIG
@@ -97,5 +160,22 @@ def handle_train(args) -> int:
         )
         args.config = DEFAULT_RECIPE
     cfg = load_config(recipe_path(args.config), args.overrides)
-    run = build_run(cfg, new_run_dir(cfg.output_dir, cfg.name), quiet=args.quiet)
+    if several:
+        _join(cfg.device)
+    # Rank 0 numbers and creates the run folder; the other processes of a torchrun job are told its path.
+    run_dir = distributed.broadcast_object(
+        new_run_dir(cfg.output_dir, cfg.name) if distributed.is_main() else None
+    )
+    run = build_run(cfg, Path(run_dir), quiet=args.quiet)
     return fit_and_summarize(run)
+
+
+def _join(device: str) -> None:
+    """Join torchrun's process group; ranks other than 0 print nothing to stdout (errors still reach stderr)."""
+    import os
+
+    from trickbag import distributed
+
+    distributed.init_from_env(device)
+    if not distributed.is_main():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of this process
