@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 EPILOG = """examples:
-  trickbag schedule plot recipes/digits.yaml --steps-per-epoch 23 --out lr.png
+  trickbag schedule plot digits --steps-per-epoch 23 --out lr.png
   trickbag schedule plot run.yaml --num-train 50000 --epochs 30 --out lr.png
   trickbag schedule show run.yaml --steps-per-epoch 391
   trickbag schedule show plateau.yaml --steps-per-epoch 10 --metrics 0.9,0.8,0.8,0.8,0.7
@@ -63,10 +63,11 @@ def load_schedule_setup(args: argparse.Namespace) -> dict[str, Any]:
 
     from trickbag.config import Config, OptimizerConfig, ScheduleConfig
     from trickbag.optim import scale_lr
+    from trickbag.recipe_files import recipe_path
 
-    path: Path = args.config
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+    if not Path(args.config).is_file() and Path(args.config).suffix in (".yaml", ".yml"):
+        raise FileNotFoundError(f"config file not found: {args.config}")
+    path = recipe_path(args.config)  # a file, or a packaged recipe by name
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
