@@ -447,3 +447,26 @@ def test_streaming_random_splits_equal_sklearn(n, c, seed, cuts):
     per = _sk_ovr(probs.double().numpy(), y, None)
     expected_auc = np.nanmean(per) if not np.all(np.isnan(per)) else float("nan")
     assert result["auroc"] == pytest.approx(expected_auc, nan_ok=True)
+
+
+def test_state_tensors_summed_over_shards_load_into_one_metrics_object():
+    """Two ranks' sufficient statistics, summed/concatenated, give the metrics of all the data at once."""
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.softmax(torch.randn(41, 4, generator=generator), 1)
+    target = torch.randint(0, 4, (41,), generator=generator)
+    whole = ClassificationMetrics(4, top_k=(2,), zero_division=0.0)
+    whole.update(scores, target)
+    parts = []
+    for chunk in (slice(0, 17), slice(17, 41)):
+        shard = ClassificationMetrics(4, top_k=(2,), zero_division=0.0)
+        shard.update(scores[chunk], target[chunk])
+        parts.append(shard.state_tensors())
+    merged = {key: parts[0][key] + parts[1][key] for key in ("confusion", "topk_correct")}
+    merged |= {key: torch.cat([parts[0][key], parts[1][key]]) for key in ("scores", "targets")}
+    loaded = ClassificationMetrics(4, top_k=(2,), zero_division=0.0)
+    loaded.load_state_tensors(merged)
+    assert loaded.compute() == pytest.approx(whole.compute())
+    with pytest.raises(ValueError, match="lacks"):
+        loaded.load_state_tensors({"confusion": merged["confusion"]})
+    with pytest.raises(ValueError, match="confusion has shape"):
+        loaded.load_state_tensors({"confusion": torch.zeros(3, 3), "topk_correct": torch.zeros(1)})

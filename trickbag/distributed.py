@@ -186,11 +186,10 @@ def reduce_metric_state(metrics) -> None:
 
 
 def _load_metric_state(metrics, confusion, topk, scores, targets, kind) -> None:
-    # ClassificationMetrics has no public setter for its state yet (requested from its owner); these are the
-    # same fields its reset()/update() write.
-    metrics._confusion, metrics._topk_correct, metrics._kind = confusion, topk, kind
-    metrics._scores = [] if scores is None or len(scores) == 0 else [scores]
-    metrics._targets = [] if targets is None or len(targets) == 0 else [targets]
+    state = {"confusion": confusion, "topk_correct": topk}
+    if scores is not None and len(scores) > 0:
+        state |= {"scores": scores, "targets": targets}
+    metrics.load_state_tensors(state, kind=kind)
 
 
 def reduce_loss_sums(numerator, denominator, seen: int):

@@ -72,12 +72,9 @@ def merge_metric_state(
         from_logits=False,  # the kept scores were softmaxed on update already if from_logits was set
         zero_division=metrics.zero_division,
     )
-    # ClassificationMetrics has no public "load sufficient statistics" yet; these are its documented state.
-    merged._confusion = state["confusion"]
-    merged._topk_correct = state["topk_correct"]
-    merged._kind = "scores" if "scores" in state or metrics._kind == "scores" else "labels"
-    if "scores" in state:
-        merged._scores, merged._targets = [state["scores"]], [state["targets"]]
+    merged.load_state_tensors(
+        state, kind="scores" if "scores" in state or metrics._kind == "scores" else "labels"
+    )
     return merged
 
 

@@ -467,6 +467,29 @@ class ClassificationMetrics:
             state["targets"] = torch.cat(self._targets)
         return state
 
+    def load_state_tensors(self, state: dict[str, torch.Tensor], *, kind: str | None = None) -> None:
+        """Replace the state with ``state``, e.g. :meth:`state_tensors` summed/concatenated across ranks.
+
+        ``kind``: "scores" or "labels" (what update() was fed); default: "scores" when ``state`` holds scores.
+        """
+        missing = {"confusion", "topk_correct"} - set(state)
+        if missing:
+            raise ValueError(f"state lacks {sorted(missing)}; pass what state_tensors() returns")
+        confusion = torch.as_tensor(state["confusion"])
+        if confusion.shape != (self.num_classes, self.num_classes):
+            raise ValueError(
+                f"confusion has shape {tuple(confusion.shape)}, expected ({self.num_classes},) * 2"
+            )
+        if len(state["topk_correct"]) != len(self.top_k):
+            raise ValueError(f"topk_correct has {len(state['topk_correct'])} counts for top_k={self.top_k}")
+        if ("scores" in state) != ("targets" in state):
+            raise ValueError("state must hold both 'scores' and 'targets', or neither")
+        self.reset()
+        self._confusion, self._topk_correct = confusion.long(), torch.as_tensor(state["topk_correct"]).long()
+        self._kind = kind or ("scores" if "scores" in state else "labels")
+        if "scores" in state:
+            self._scores, self._targets = [state["scores"]], [state["targets"]]
+
     def confusion_matrix(self) -> torch.Tensor:
         """(C, C) int64, rows = true class, columns = predicted class (as sklearn)."""
         return self._confusion.clone()
