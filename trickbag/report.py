@@ -84,6 +84,14 @@ def results_table_html(results: dict[str, Any]) -> str:
     return f"<h2>val and test</h2><p>{note}</p><table><tr>{header}</tr>{body}</table>"
 
 
+def _imbalanced(class_counts) -> bool:
+    if not class_counts:
+        return False
+    from trickbag.metrics.advice import advise
+
+    return advise({str(c): int(n) for c, n in enumerate(class_counts)}).is_imbalanced
+
+
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Draw loss/metric/LR curves, the best checkpoint's confusion matrix and per-class F1.
 
@@ -138,7 +146,20 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     else:
         ax.set_title("no best_metric checkpoint")
     ax = axes[1][1]
-    if confusion:
+    counts = meta.get("class_counts")
+    if confusion and _imbalanced(counts):
+        # Imbalanced training labels: recall per class says which classes the model gave up on.
+        from trickbag.longtail import rarest_classes
+
+        scores = per_class_scores(confusion, classes, zero_division=0.0)
+        rare = set(rarest_classes(counts))
+        marks = [" rare" if c in rare else "" for c in range(len(scores))]
+        names = [f"{row['class']} (n={n}){mark}" for row, n, mark in zip(scores, counts, marks)]
+        colors = ["tab:red" if c in rare else "tab:blue" for c in range(len(scores))]
+        ax.barh(names, [row["recall"] for row in scores], color=colors)
+        ax.set(title="per-class recall on val (best_metric); rarest in training in red", xlim=(0, 1))
+        ax.invert_yaxis()
+    elif confusion:
         scores = per_class_scores(confusion, classes, zero_division=0.0)
         ax.barh([row["class"] for row in scores], [row["f1"] for row in scores])
         ax.set(title="per-class F1 on val (best_metric)", xlim=(0, 1))
@@ -147,8 +168,10 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     chosen = results.get("checkpoints", {}).get("best_metric", {})
     lines = [f"best_metric checkpoint (epoch {chosen.get('epoch', meta.get('epoch'))}), chosen on val"]
     for split in ("val", "test"):
-        for key, value in chosen.get(split, {}).items():
-            lines.append(f"{split} {key}: {format_value(value)}")
+        scores = chosen.get(split, {})
+        lead = ["macro_f1"] if _imbalanced(counts) and "macro_f1" in scores else []  # before accuracy
+        for key in dict.fromkeys([*lead, *scores]):
+            lines.append(f"{split} {key}: {format_value(scores[key])}")
     if not chosen:
         lines += [f"{key}: {format_value(value)}" for key, value in (meta.get("scores") or {}).items()]
     axes[1][2].text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=9)

@@ -502,6 +502,8 @@ def finish_run(run: Run, state) -> dict[str, Any]:
         "train_time_s": round(state.train_time_s, 3),
         "images_per_s": round(state.images / max(state.train_time_s, 1e-9), 1),
         "skipped_updates": state.skipped_updates,
+        # training label counts: the summary, eval and report mark the rarest classes by them
+        "class_counts": parts.checkpointer.meta.get("class_counts") if parts.checkpointer is not None else None,
         "checkpoints": checkpoints,
     }
     if distributed.is_main():

@@ -37,7 +37,11 @@ def print_summary(run: Run, results: dict) -> None:
     from rich.table import Table
 
     metric = results["best_metric"]
+    counts = results.get("class_counts")
+    imbalanced = imbalanced_counts(counts)
     keys = list(dict.fromkeys(["loss", metric, "accuracy", "macro_f1"]))
+    if imbalanced:  # accuracy rewards ignoring the rare classes: macro-F1 first, accuracy last
+        keys = list(dict.fromkeys(["macro_f1", metric, "balanced_accuracy", "loss", "accuracy"]))
     table = Table(title=f"trickbag run {run.run_dir}", title_justify="left")
     table.add_column("checkpoint (chosen on val)", no_wrap=True)
     table.add_column("epoch", justify="right", no_wrap=True)
@@ -55,6 +59,11 @@ def print_summary(run: Run, results: dict) -> None:
     # Not a terminal (CI, a pipe): wide enough that nothing is cut.
     console = Console() if sys.stdout.isatty() else Console(width=200)
     console.print(table)
+    chosen = results["checkpoints"].get("best_metric") or results["checkpoints"].get("last")
+    if imbalanced and chosen is not None and chosen.get("test_per_class"):
+        console.print(
+            recall_table(chosen["test_per_class"], counts, f"per-class test recall (epoch {chosen['epoch']})")
+        )
     chosen = results["checkpoints"].get("best_metric")
     if chosen is not None and "test" in chosen:
         console.print(
@@ -76,6 +85,31 @@ def print_summary(run: Run, results: dict) -> None:
         f"plots: trickbag report {run.run_dir}",
         soft_wrap=True,
     )
+
+
+def imbalanced_counts(class_counts) -> bool:
+    """Whether training counts (C,) are imbalanced by ``trickbag.metrics.advise``'s rule (False when unknown)."""
+    if not class_counts:
+        return False
+    from trickbag.metrics.advice import advise
+
+    return advise({str(c): int(n) for c, n in enumerate(class_counts)}).is_imbalanced
+
+
+def recall_table(per_class: list[dict], class_counts, title: str):
+    """A rich Table of each class's recall with its training count, the rarest classes marked "rare"."""
+    from rich.table import Table
+
+    from trickbag.longtail import recall_rows
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("class")
+    table.add_column("train count" if class_counts is not None else "support", justify="right")
+    table.add_column("recall", justify="right")
+    table.add_column("")
+    for row in recall_rows(per_class, class_counts):
+        table.add_row(*row)
+    return table
 
 
 def precision_runs(policy: str, device) -> bool:

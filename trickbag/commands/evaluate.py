@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trickbag.commands._common import precision_runs
+from trickbag.commands._common import imbalanced_counts, precision_runs, recall_table
 from trickbag.run import (
     align_classes,
     load_datasets,
@@ -103,10 +103,21 @@ def handle_eval(args) -> int:
         model, loader, loss_fn, metrics, precision=precision, flip_tta=args.flip_tta or cfg.eval.flip_tta
     )
     print(f"{ckpt.path} (epoch {ckpt.meta.get('epoch')}) on {described}: {len(imageset)} images")
+    counts = ckpt.meta.get("class_counts")
+    imbalanced = imbalanced_counts(counts)
+    if imbalanced:  # trained on imbalanced labels: macro-F1 first, accuracy (which hides the tail) last
+        lead = [key for key in ("macro_f1", "balanced_accuracy") if key in scores]
+        order = [*lead, *(key for key in scores if key != "accuracy"), "accuracy"]
+        scores = {key: scores[key] for key in order if key in scores}
     table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in scores.items():
         table.add_row(key, f"{value:.4f}")
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    console.print(table)
+    if imbalanced:
+        console.print(
+            recall_table(metrics.per_class(), counts, "per-class recall (rarest in training marked)")
+        )
     return 0

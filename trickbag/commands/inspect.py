@@ -186,20 +186,27 @@ def _inspect_predictions(console, path: Path, out_dir: Path | None) -> int:
     result = metrics.compute()
     advice = advise(target.tolist(), class_names=classes)
 
-    table = Table(title="per class", title_justify="left")
-    for column in ("class", "support", "precision", "recall", "f1"):
-        table.add_column(column, justify="left" if column == "class" else "right")
-    for row in metrics.per_class():
-        table.add_row(
-            row["class"], str(row["support"]), *(f"{row[m]:.3f}" for m in ("precision", "recall", "f1"))
-        )
+    from trickbag.longtail import rarest_classes
+
+    # The CSV knows only the labels it holds: on imbalanced labels the rarest of them are marked.
+    per_class = metrics.per_class()
+    rare = set(rarest_classes([row["support"] for row in per_class])) if advice.is_imbalanced else set()
+    title = "per class (recall first; rarest classes marked)" if advice.is_imbalanced else "per class"
+    table = Table(title=title, title_justify="left")
+    columns = ("recall", "precision", "f1") if advice.is_imbalanced else ("precision", "recall", "f1")
+    for column in ("class", "support", *columns, ""):
+        table.add_column(column, justify="left" if column in ("class", "") else "right")
+    for c, row in enumerate(per_class):
+        mark = "rare" if c in rare else ""
+        table.add_row(row["class"], str(row["support"]), *(f"{row[m]:.3f}" for m in columns), mark)
     console.print(table)
 
     overall = Table(title="overall", title_justify="left")
     overall.add_column("metric")
     overall.add_column("value", justify="right")
     overall.add_column("note")
-    for name, value in result.items():
+    lead = [advice.best_metric] if advice.best_metric in result else []  # macro_f1 on imbalanced labels
+    for name, value in {key: result[key] for key in dict.fromkeys([*lead, *result])}.items():
         note = ""
         if name == advice.best_metric:
             note = "lead with this"
