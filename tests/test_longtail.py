@@ -26,6 +26,8 @@ from trickbag.longtail import (
     log_prior,
     logit_adjusted_loss,
     posthoc_adjust_logits,
+    rarest_classes,
+    recall_rows,
     sampling_weights,
 )
 from trickbag.losses import ClassifierLoss
@@ -285,6 +287,17 @@ def test_config_accepts_the_combinations_that_do():
         loss_from_config(cfg, 4)
 
 
+# ---------------------------------------------------------------- reporting
+
+
+def test_rarest_classes_and_recall_rows_mark_the_smallest_counts():
+    assert rarest_classes([500, 20, 300, 5, 80]) == [3]  # ceil(0.2 * 5) = 1
+    assert rarest_classes([500, 20, 300, 5, 80, 7]) == [3, 5]
+    assert rarest_classes([10, 10, 10]) == []  # balanced: nothing is rare
+    per_class = [{"class": name, "support": 30, "recall": r} for name, r in (("a", 0.9), ("b", 0.25))]
+    assert recall_rows(per_class, [90, 9]) == [("a", "90", "0.900", ""), ("b", "9", "0.250", "rare")]
+
+
 # ---------------------------------------------------------------- end to end
 
 
@@ -332,8 +345,15 @@ def test_ldam_drw_and_posthoc_runs_end_to_end_on_imbalanced_digits(tmp_path, cap
         assert [row["support"] for row in last["test_per_class"]] == [30] * 4
         meta = json.loads((run_dir / "last" / "meta.json").read_text())
         assert meta["class_counts"] == [96, 48, 20, 8]  # train after the stratified 20% val split
+        assert results["class_counts"] == [96, 48, 20, 8]
+        # the summary leads with macro-F1 and shows per-class recall, the rarest class marked
+        summary = capsys.readouterr().out
+        assert "per-class test recall" in summary and "rare" in summary
         # `trickbag eval` rebuilds the same loss (margins, DRW epoch) and the same post-hoc logits
-        capsys.readouterr()
         assert main(["eval", str(run_dir / "last")]) == 0
         printed = capsys.readouterr().out
         assert f"{last['test']['loss']:.4f}" in printed and f"{last['test']['macro_f1']:.4f}" in printed, name
+        assert printed.index("│ macro_f1") < printed.index("│ loss") < printed.index("│ accuracy ")
+        assert "rare" in printed
+    assert main(["report", str(run_dir)]) == 0
+    assert "per-class recall" in (run_dir / "report.html").read_text() or (run_dir / "report.png").is_file()

@@ -388,3 +388,34 @@ class ClassBalancedSampler:
             repeats = math.ceil(self.num_samples / n)
             return torch.cat([order] * repeats)[: self.num_samples]
         return torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
+
+
+# ---------------------------------------------------------------- reporting on imbalanced labels
+
+LEAD_METRICS = (
+    "macro_f1",
+    "balanced_accuracy",
+)  # what an imbalanced run shows first (accuracy hides the tail)
+
+
+def rarest_classes(class_counts: Sequence[int], share: float = 0.2) -> list[int]:
+    """Indices of the rarest ``ceil(share * C)`` classes by count (ties: lower index first); [] if all equal."""
+    counts = [int(count) for count in class_counts]
+    if not counts or min(counts) == max(counts):
+        return []
+    k = max(1, math.ceil(share * len(counts)))
+    return sorted(sorted(range(len(counts)), key=lambda c: (counts[c], c))[:k])
+
+
+def recall_rows(per_class: list[dict], class_counts: Sequence[int] | None) -> list[tuple[str, str, str, str]]:
+    """(class, training count, recall, mark) rows for a table, the rarest classes marked "rare".
+
+    ``per_class``: ``ClassificationMetrics.per_class()`` dicts; ``class_counts``: the training counts (None:
+    unknown, the evaluated ``support`` decides what is rare instead).
+    """
+    counts = class_counts if class_counts is not None else [row["support"] for row in per_class]
+    rare = set(rarest_classes(counts))
+    return [
+        (row["class"], str(counts[c]), f"{row['recall']:.3f}", "rare" if c in rare else "")
+        for c, row in enumerate(per_class)
+    ]
