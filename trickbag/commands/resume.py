@@ -29,11 +29,34 @@ def register(subparsers) -> None:
     parser.add_argument("run_dir")
     parser.add_argument("overrides", nargs="*", help="epochs=N to extend the run (nothing else may change)")
     parser.add_argument("--quiet", action="store_true", help="no console output except the final summary")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes on this machine (torchrun); a run resumes with any number",
+    )
     parser.set_defaults(func=handle_resume)
 
 
 def handle_resume(args) -> int:
-    return resume_run(args.run_dir, quiet=args.quiet, overrides=args.overrides)
+    from trickbag import distributed
+
+    if args.nproc > 1 and distributed.env_world_size() == 1:  # relaunch through torch's own launcher
+        from trickbag.commands.train import launch_torchrun
+
+        return launch_torchrun(
+            args.nproc, ["--resume", args.run_dir, *args.overrides, *(["--quiet"] * args.quiet)]
+        )
+    if distributed.env_world_size() == 1:
+        return resume_run(args.run_dir, quiet=args.quiet, overrides=args.overrides)
+    from trickbag.commands.train import _join
+    from trickbag.config import load_config
+
+    try:  # under torchrun: join the job's process group first
+        _join(load_config(Path(args.run_dir) / "config.yaml").device)
+        return resume_run(args.run_dir, quiet=args.quiet, overrides=args.overrides)
+    finally:
+        distributed.close()
 
 
 def resume_run(run_dir: str | Path, quiet: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> int:

@@ -145,11 +145,14 @@ def _train(args, several: bool = False) -> int:
     if args.resume:
         from trickbag.commands.resume import resume_run
 
-        if args.config or args.overrides:
-            raise ValueError("--resume takes no CONFIG or overrides: the run's own config.yaml is used")
+        if args.config and "=" in args.config and not Path(args.config).exists():
+            args.overrides.insert(0, args.config)  # `train --resume RUN epochs=N`: an override, not a CONFIG
+            args.config = None
+        if args.config:
+            raise ValueError("--resume takes no CONFIG: the run's own config.yaml is used (epochs=N may extend it)")
         if several:
             _join(load_config(Path(args.resume) / "config.yaml").device)
-        return resume_run(args.resume, quiet=args.quiet)
+        return resume_run(args.resume, quiet=args.quiet, overrides=args.overrides)
     if args.config and "=" in args.config and not Path(args.config).exists():
         args.overrides.insert(0, args.config)  # `trickbag train epochs=3`: an override, not a CONFIG
         args.config = None
