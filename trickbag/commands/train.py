@@ -149,7 +149,9 @@ def _train(args, several: bool = False) -> int:
             args.overrides.insert(0, args.config)  # `train --resume RUN epochs=N`: an override, not a CONFIG
             args.config = None
         if args.config:
-            raise ValueError("--resume takes no CONFIG: the run's own config.yaml is used (epochs=N may extend it)")
+            raise ValueError(
+                "--resume takes no CONFIG: the run's own config.yaml is used (epochs=N may extend it)"
+            )
         if several:
             _join(load_config(Path(args.resume) / "config.yaml").device)
         return resume_run(args.resume, quiet=args.quiet, overrides=args.overrides)
