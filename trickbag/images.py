@@ -80,7 +80,7 @@ class ImageSet:
             if len(self.labels) != len(self.images):
                 raise ValueError(f"ImageSet has {len(self.images)} images but {len(self.labels)} labels")
         if self.paths is not None and len(self.paths) != len(self.labels):
-            raise ValueError(f"ImageSet has {len(self.labels)} labels but {len(self.paths)} paths")
+            raise ValueError(f"ImageSet has {len(self.labels)} images but {len(self.paths)} paths")
 
     def __len__(self) -> int:
         return len(self.labels)
