@@ -58,6 +58,34 @@ class DataConfig(_Section):
     # Class-balanced sampling of each training epoch (trickbag.longtail.ClassBalancedSampler): "inverse" draws
     # every class equally often, "sqrt" by sqrt(n_c), "repeat_factor" repeats classes rarer than 1/C (LVIS).
     sampling: Literal["none", "inverse", "sqrt", "repeat_factor"] = "none"
+    # Images of any size (trickbag.transforms): fitted to image_size x image_size; None keeps the files' own size
+    # (all must then be equal). aspect: crop (shorter side, centre crop), squash (both sides) or pad (letterbox).
+    image_size: int | None = Field(None, ge=1)
+    aspect: Literal["crop", "squash", "pad"] = "crop"
+    crop_fraction: float = Field(1.0, gt=0.0, le=1.0)  # eval: fit to image_size / crop_fraction, centre crop
+    random_resized_crop: bool = False  # train on random-resized crops of the original files (streamed)
+    rrc_scale: tuple[float, float] = (0.08, 1.0)  # fraction of the image area (Szegedy et al. 2015)
+    rrc_ratio: tuple[float, float] = (0.75, 4 / 3)  # width / height, drawn log-uniformly
+    # true: decode once into memory (the fast path for small images); false: decode per batch in worker
+    # processes (trickbag.streaming); auto: in memory unless it would exceed memory_budget_gb, or for RRC.
+    in_memory: bool | Literal["auto"] = "auto"
+    memory_budget_gb: float | None = Field(None, gt=0.0)  # None: a quarter of this machine's RAM
+
+    @model_validator(mode="after")
+    def _check_image_options(self) -> DataConfig:
+        from trickbag.transforms import check_range
+
+        check_range("data.rrc_scale", self.rrc_scale, 0.0, 1.0)
+        check_range("data.rrc_ratio", self.rrc_ratio, 0.0)
+        if self.random_resized_crop and self.image_size is None:
+            raise ValueError("data.random_resized_crop needs data.image_size (the side of the crops)")
+        if self.random_resized_crop and self.crop_padding:
+            raise ValueError("data.random_resized_crop and data.crop_padding are two crops: use one of them")
+        if self.random_resized_crop and self.in_memory is True:
+            raise ValueError(
+                "data.random_resized_crop crops the original files: use data.in_memory=auto or false"
+            )
+        return self
 
 
 class ModelConfig(_Section):
@@ -66,6 +94,10 @@ class ModelConfig(_Section):
         default_factory=dict
     )  # passed to trickbag.models.build_model, checked there
     zero_init_residual_bn: bool = False
+    # Fine-tuning: weights from a file (safetensors, a weights-only state dict, or a trickbag checkpoint folder);
+    # the classifier head is replaced for the run's classes (trickbag.models.load_pretrained). Nothing downloads.
+    pretrained: str | None = None
+    freeze_backbone_epochs: int = Field(0, ge=0)  # train only the head for this many epochs first
 
 
 class LossConfig(_Section):
@@ -178,6 +210,7 @@ class OptimizerConfig(_Section):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0.0)
     implementation: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+    backbone_lr_factor: float = Field(1.0, gt=0.0)  # LR of every parameter but the head's (fine-tuning: < 1)
 
     @field_validator("betas")
     @classmethod
@@ -238,7 +271,12 @@ def build_optimizer_from_config(
     lr = scale_lr(cfg.lr, batch, base_batch_size=cfg.ref_batch_size) if cfg.scale_lr else cfg.lr
     return build_optimizer(
         cfg.name,
-        param_groups(model, cfg.weight_decay, no_decay_bias_norm=cfg.no_decay_bias_norm),
+        param_groups(
+            model,
+            cfg.weight_decay,
+            no_decay_bias_norm=cfg.no_decay_bias_norm,
+            backbone_lr_factor=cfg.backbone_lr_factor,
+        ),
         lr=lr,
         weight_decay=cfg.weight_decay,
         momentum=cfg.momentum,

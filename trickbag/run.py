@@ -46,9 +46,11 @@ def load_datasets(cfg, log=print):
     * test: reported only, never used to choose anything: the digits test split, ``root/test_dir``, or
       ``data.test_csv``; None when the data has none.
 
-    Skipped bad images are reported through ``log``.
+    Skipped bad images are reported through ``log``. Streamed sets (``trickbag.streaming.streams``) are listed,
+    not decoded: their ``images`` is None.
     """
     from trickbag import data
+    from trickbag.streaming import streams
 
     section = cfg.data
     val = test = None
@@ -56,7 +58,12 @@ def load_datasets(cfg, log=print):
         "cache_dir": section.cache_dir,
         "skip_bad_images": section.skip_bad_images,
         "num_workers": section.num_workers,
+        "decode": not streams(section),
     }
+    if section.image_size is not None:  # mixed sizes: every image fitted as evaluation fits it
+        options.update(
+            size=(section.image_size,) * 2, aspect=section.aspect, crop_fraction=section.crop_fraction
+        )
     if section.kind == "digits":
         train, test = data.load_digits()
     elif section.kind == "image_folder":
@@ -131,12 +138,13 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
     """Data, model and trainer parts for ``cfg``; resolves ``eval.best_metric: auto`` from the training labels."""
     import torch
 
-    from trickbag import data, distributed
+    from trickbag import data, distributed, streaming
     from trickbag.checkpoint import Checkpointer
     from trickbag.config import build_optimizer_from_config, build_scheduler, config_to_dict, config_to_yaml
     from trickbag.losses import class_weights
     from trickbag.metrics import ClassificationMetrics
     from trickbag.metrics.advice import advise
+    from trickbag.models import BackboneFreezer
     from trickbag.precision import Precision
     from trickbag.runlog import RunLogger
     from trickbag.train import Loaders, Parts
@@ -168,9 +176,13 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
             f"class imbalance {advice.imbalance_ratio:.1f}:1 - consider loss.kind=logit_adjusted, or "
             "loss.kind=ldam with loss.class_weights=effective_number and loss.drw_epoch (recipe longtail_fast)"
         )
-    mean, std = data.channel_stats(train_set.images)
+    streamed = train_set.images is None  # trickbag.streaming: decoded per batch by worker processes
+    image_shape = (
+        [3, cfg.data.image_size, cfg.data.image_size] if streamed else list(train_set.images.shape[1:])
+    )
     torch.manual_seed(cfg.seed)  # model initialisation and dropout draw from torch's global generator
-    model = build_model_for(cfg, num_classes, train_set.images.shape[1], device)
+    model = build_model_for(cfg, num_classes, image_shape[0], device)
+    mean, std = input_statistics(cfg, model, train_set, logger.info)
     if cfg.train.sync_bn and world > 1:  # before the optimizer and the EMA (same parameter objects)
         model = distributed.convert_sync_batchnorm(model)
     attach_posthoc_adjustment(model, cfg, counts.tolist())  # before the EMA copies the model (and its hook)
@@ -181,22 +193,29 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
             f"{len(train_set)} training images are fewer than one global batch (batch_size={cfg.batch_size} "
             f"per process x {world} processes); lower batch_size or use fewer processes"
         )
-    train_loader = data.BatchLoader(
-        train_set.images,
-        train_set.labels,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=len(train_set) >= cfg.batch_size or world > 1,  # DDP: equal full batches on every rank
-        seed=cfg.seed,
-        crop_padding=cfg.data.crop_padding,
-        flip=cfg.data.flip,
-        sampler=sampler_from_config(cfg, train_set.labels),
-        **common,
-    )
+    if streamed:
+        train_loader = streaming.loader_for(
+            cfg.data, train_set, train=True, batch_size=cfg.batch_size, seed=cfg.seed,
+            drop_last=len(train_set) >= cfg.batch_size or world > 1, **common,
+        )  # fmt: skip
+    else:
+        train_loader = data.BatchLoader(
+            train_set.images,
+            train_set.labels,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            drop_last=len(train_set) >= cfg.batch_size or world > 1,  # DDP: equal full batches on every rank
+            seed=cfg.seed,
+            crop_padding=cfg.data.crop_padding,
+            flip=cfg.data.flip,
+            sampler=sampler_from_config(cfg, train_set.labels),
+            **common,
+        )
     # Evaluation has no backward pass: larger batches cost no more memory than a training step.
     eval_batch = max(cfg.batch_size, 256)
     val_loader, test_loader = (
         None if imageset is None
+        else streaming.loader_for(cfg.data, imageset, train=False, batch_size=eval_batch, **common) if streamed
         else data.BatchLoader.for_eval(imageset.images, imageset.labels, batch_size=eval_batch, **common)
         for imageset in (val_set, test_set)
     )  # fmt: skip
@@ -230,11 +249,12 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
         from trickbag.ema import ModelEMA
 
         ema = ModelEMA(model, cfg.train.ema_decay)
-    teacher = load_model(cfg.distill.teacher, device)[0].eval() if cfg.distill.teacher else None
+    teacher = teacher_for(cfg, device, mean, std)
     meta = {
         "config": config_to_dict(cfg),
         "classes": classes,
-        "image_shape": list(train_set.images.shape[1:]),
+        "image_shape": image_shape,
+        "preprocess": streaming.preprocessing(cfg.data, image_shape),  # eval/predict fit any photo like this
         "mean": mean,
         "std": std,
         "class_weights": weight.tolist() if weight is not None else None,  # so `eval` computes the same loss
@@ -274,8 +294,51 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
         teacher=teacher,
         checkpointer=Checkpointer(run_dir, meta, keep_last=2),  # an older `last` to fall back on
         logger=logger,
+        freezer=BackboneFreezer(model, cfg.model.freeze_backbone_epochs, optimizer=optimizer)
+        if cfg.model.freeze_backbone_epochs
+        else None,
     )
     return Run(cfg, run_dir, model, Loaders(train_loader, val_loader, test_loader), parts, classes)
+
+
+def input_statistics(cfg, model, train_set, log=print) -> tuple[list[float], list[float]]:
+    """(mean, std) that normalise the run's inputs; loads ``model.pretrained`` into ``model`` (new head).
+
+    The pretrained weights' own statistics when stored with them (the backbone learned on inputs normalised
+    so); else the training set's (estimated from a sample when it is streamed).
+    """
+    from trickbag import data
+    from trickbag.streaming import sample_stats
+
+    stored = None
+    if cfg.model.pretrained:
+        from trickbag.models import load_pretrained
+
+        loaded = load_pretrained(model, cfg.model.pretrained)
+        stored = loaded["normalization"]
+        log(
+            f"pretrained {cfg.model.pretrained}: {len(loaded['loaded'])} tensors loaded, head {loaded['new_head']} "
+            f"new for {len(train_set.classes)} classes; normalisation "
+            + ("stored with the weights" if stored else "of the training set (none stored with the weights)")
+        )
+    if stored is not None:
+        return list(stored["mean"]), list(stored["std"])
+    if train_set.images is None:
+        return sample_stats(train_set.paths, cfg.data.image_size, aspect=cfg.data.aspect, seed=cfg.seed)
+    return data.channel_stats(train_set.images)
+
+
+def teacher_for(cfg, device, mean, std):
+    """The distillation teacher in eval mode (None without one), fed inputs in its own normalisation."""
+    if not cfg.distill.teacher:
+        return None
+    from trickbag.models import Renormalized
+
+    teacher, ckpt = load_model(cfg.distill.teacher, device)
+    own = [float(v) for v in ckpt.meta["mean"]], [float(v) for v in ckpt.meta["std"]]
+    if own == ([float(v) for v in mean], [float(v) for v in std]):
+        return teacher
+    return Renormalized(teacher, mean, std, *own).to(device).eval()
 
 
 def loss_from_config(cfg, num_classes: int, weight=None, *, class_counts=None):

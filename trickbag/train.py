@@ -66,6 +66,7 @@ class Parts:
     teacher: nn.Module | None = None
     checkpointer: Any | None = None  # trickbag.checkpoint.Checkpointer
     logger: RunLogger = field(default_factory=RunLogger)
+    freezer: Any | None = None  # trickbag.models.BackboneFreezer: set_epoch(epoch) at each epoch start
 
 
 @dataclass
@@ -332,6 +333,9 @@ def fit(
             parts.mixer.set_epoch(epoch)
         if hasattr(parts.loss_fn, "set_epoch"):  # deferred re-weighting switches its class weights by epoch
             parts.loss_fn.set_epoch(epoch)
+        if parts.freezer is not None:  # fine-tuning: the head alone for the first epochs
+            parts.freezer.set_epoch(epoch)
+            params = [p for p in model.parameters() if p.requires_grad]
         if ddp:
             _seed_rank_streams(getattr(loaders.train, "seed", 0), epoch, parts)
         window, losses, images, skipped = [], [], 0, 0
