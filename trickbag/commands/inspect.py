@@ -75,21 +75,19 @@ def handle_inspect(args: argparse.Namespace) -> int:
 def count_image_folder(root: Path) -> tuple[dict[str, int], str]:
     """Image files per class folder under ``root`` (or ``root/train``); counted, not decoded.
 
-    Classes are the loader's (non-hidden subfolders) and files are found by ``trickbag.images.list_images``,
-    the one listing every command uses, so these counts are those of ``trickbag train`` and ``trickbag mix``.
+    Uses ``trickbag.images.list_image_folder``, the listing the loader trains on, so these counts are those of
+    ``trickbag train`` (and of ``trickbag mix``, which lists with the same rules).
     """
-    from trickbag.images import list_images
+    from trickbag.images import list_image_folder
 
     if (root / "train").is_dir():
         root = root / "train"
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
+    if not root.is_dir() or not any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
         raise ValueError(f"{root} has no class folders: expected root/<class>/<image> or root/train/<class>/")
+    paths, labels, classes = list_image_folder(root)
     counts = dict.fromkeys(classes, 0)
-    for file in list_images(root):
-        class_name = Path(file).relative_to(root).parts[0]
-        if class_name in counts:  # not a file lying in root itself, nor one in a hidden folder
-            counts[class_name] += 1
+    for label in labels:
+        counts[classes[label]] += 1
     return counts, str(root)
 
 
