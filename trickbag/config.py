@@ -476,6 +476,8 @@ def describe_error(item: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{key}: required key is missing"
     message = item["msg"].removeprefix("Value error, ")  # pydantic's wording around our own validators
+    if isinstance(value, dict):  # a whole-section check: its message names the keys, the section dump would not
+        return f"{key}: {message}" if key else message
     return f"{key}={value!r}: {message}"
 
 
