@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import shutil
 import sys
@@ -131,8 +130,10 @@ def main() -> int:
         print(
             f"CIFAR-10-LT ratio {args.ratio:g}: train counts {counts} ({sum(counts)} images), test balanced"
         )
-        print(f"CPU: {platform.processor() or platform.machine()}, {_cpu_model()}, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads")  # fmt: skip
+        threads = next(
+            (item.split("=", 1)[1] for item in args.set if item.startswith("threads=")), "recipe's 1"
+        )
+        print(f"CPU: {_cpu_model()}, torch {torch.__version__}, training threads: {threads}")
         (tmp / "runs").mkdir()
         methods = {
             name: o for name, o in METHODS.items() if not args.only or any(s in name for s in args.only)

@@ -298,6 +298,23 @@ def test_rarest_classes_and_recall_rows_mark_the_smallest_counts():
     assert recall_rows(per_class, [90, 9]) == [("a", "90", "0.900", ""), ("b", "9", "0.250", "rare")]
 
 
+def test_inspect_predictions_of_imbalanced_labels_lead_with_macro_f1_and_mark_the_rarest(tmp_path, capsys):
+    from trickbag.cli import main
+
+    rows = ["path,label,predicted"]
+    rows += [f"a{i}.png,cat,cat" for i in range(40)] + [f"b{i}.png,dog,cat" for i in range(10)]
+    rows += [f"c{i}.png,owl,{'owl' if i < 3 else 'cat'}" for i in range(4)]
+    path = tmp_path / "predictions.csv"
+    path.write_text("\n".join(rows) + "\n")
+    capsys.readouterr()
+    assert main(["inspect", str(path)]) == 0
+    printed = capsys.readouterr().out
+    owl = next(line for line in printed.splitlines() if "owl" in line and "│" in line)
+    assert "rare" in owl and "0.750" in owl  # recall 3/4, the rarest label
+    assert "rare" not in next(line for line in printed.splitlines() if "dog" in line and "│" in line)
+    assert printed.index("│ macro_f1") < printed.index("│ accuracy ")
+
+
 # ---------------------------------------------------------------- end to end
 
 
