@@ -53,7 +53,8 @@ class DataConfig(_Section):
     skip_bad_images: bool = False
     crop_padding: int = Field(0, ge=0)  # random crop after reflect padding of this many pixels
     flip: bool = False  # random horizontal flip
-    channels_last: bool = False
+    # auto: channels_last when a short probe of the model measures it faster (trickbag.hardware); resolved in place
+    channels_last: bool | Literal["auto"] = "auto"
     num_workers: int | None = Field(None, ge=0)  # decoding processes; None: one per core, 0: in-process
     # Class-balanced sampling of each training epoch (trickbag.longtail.ClassBalancedSampler): "inverse" draws
     # every class equally often, "sqrt" by sqrt(n_c), "repeat_factor" repeats classes rarer than 1/C (LVIS).
@@ -314,12 +315,22 @@ class Config(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     mixing: MixingConfig = Field(default_factory=MixingConfig)
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # auto: CUDA bf16 where the card has it, else fp16; CPU bf16 only where a probe of the model measures it
+    # faster than fp32 (emulated bf16 on AVX2-only CPUs is ~70x slower). Resolved in place (trickbag.hardware).
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    # torch.compile: auto compiles when the run is long enough to pay back the compile time (trickbag.compile)
+    compile: Literal["off", "on", "auto"] = "auto"
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_words(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as true/false: take them as the words they were written as.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @property
     def effective_batch_size(self) -> int:

@@ -10,6 +10,11 @@ scaler is simply disabled for fp32 and bf16.
 
 Decision for fp16 on CPU: allowed when this torch can run an fp16 autocast matmul on CPU (torch >= 2.3 can,
 and has a CPU GradScaler); the scaler is used exactly as on CUDA. Otherwise it is refused with a ValueError.
+
+``precision: auto`` (``resolve_policy``): on CUDA bf16 where the card has it, else fp16 with the GradScaler; on a
+CPU bf16 only where a probe of the actual model (``trickbag.hardware.probe``) measured it faster than fp32, else
+fp32. bf16 on a CPU without bf16 instructions (AVX2-only) is emulated and measured 70x slower, so an explicit
+``bf16`` that the probe shows much slower gets one warning with the factor (``bf16_warning``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ import torch
 
 Policy = Literal["fp32", "fp16", "bf16"]
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# bf16 must beat fp32 by this factor to be chosen: a tie is noise, and fp32 is the safer numerics.
+BF16_MIN_SPEEDUP = 1.1
+# An explicit bf16 this many times slower than fp32 is warned about (emulated bf16 measured 70x here).
+BF16_WARN_SLOWDOWN = 1.5
 
 
 def _autocast_runs(device_type: str, dtype: torch.dtype) -> bool:
@@ -54,6 +63,48 @@ def check_precision(policy: str, device: torch.device) -> None:
             f"precision {policy!r} autocast does not run on {device.type} with torch {torch.__version__}; "
             "use precision='bf16' or 'fp32'"
         )
+
+
+def resolve_policy(
+    requested: str, device: torch.device | str, timings_ms: dict[str, float] | None = None
+) -> str:
+    """The policy to run: ``requested`` itself unless it is ``"auto"``.
+
+    Args:
+        requested: "auto", "fp32", "fp16" or "bf16".
+        device: the run's device.
+        timings_ms: CPU only, the probe's forward+backward milliseconds per policy: {"fp32": t, "bf16": t}
+            (``trickbag.hardware.policy_times``); None or a missing entry: fp32.
+    Returns:
+        "auto" on CUDA: "bf16" where ``torch.cuda.is_bf16_supported()``, else "fp16"; on CPU: "bf16" when it
+        measured at least ``BF16_MIN_SPEEDUP`` times faster than fp32, else "fp32"; other devices: "fp32".
+    """
+    if requested not in ("auto", "fp32", "fp16", "bf16"):
+        raise ValueError(f"precision {requested!r} is not one of ['auto', 'fp32', 'fp16', 'bf16']")
+    if requested != "auto":
+        return requested
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type != "cpu" or not timings_ms or "fp32" not in timings_ms or "bf16" not in timings_ms:
+        return "fp32"
+    return "bf16" if timings_ms["fp32"] >= BF16_MIN_SPEEDUP * timings_ms["bf16"] else "fp32"
+
+
+def bf16_warning(
+    requested: str, device: torch.device | str, timings_ms: dict[str, float] | None
+) -> str | None:
+    """One warning line when an explicit ``bf16`` measured much slower than fp32 on this CPU, else None."""
+    if requested != "bf16" or torch.device(device).type != "cpu" or not timings_ms:
+        return None
+    fp32, bf16 = timings_ms.get("fp32"), timings_ms.get("bf16")
+    if fp32 is None or bf16 is None or not bf16 >= BF16_WARN_SLOWDOWN * fp32:
+        return None
+    return (
+        f"warning: precision=bf16 is {bf16 / fp32:.1f}x slower than fp32 on this CPU (forward+backward of the "
+        f"model: {bf16:.1f} ms vs {fp32:.1f} ms; it has no native bf16 instructions, so bf16 is emulated). "
+        "Use precision=auto or precision=fp32"
+    )
 
 
 class Precision:

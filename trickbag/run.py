@@ -129,9 +129,47 @@ def build_model_for(cfg, num_classes: int, in_channels: int, device):
 
         zero_init_residual_bn(model)
     model = model.to(device)
-    if cfg.data.channels_last:
+    if cfg.data.channels_last is True:  # "auto" is resolved by build_run's probe (trickbag.hardware.choose)
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def choose_hardware_settings(cfg, model, image_shape, device, num_train: int, log=print) -> dict[str, Any]:
+    """Resolve ``precision``, ``data.channels_last`` and ``compile`` of ``cfg`` in place, by a probe of ``model``.
+
+    Writes the concrete choices back into ``cfg`` (so config.yaml, the checkpoint meta and a resume use them);
+    converts ``model`` to channels_last when chosen; logs one line, plus the warning when an explicit bf16 was
+    measured much slower than fp32. Several processes: rank 0's choice is every rank's. Returns the choice
+    dict (``trickbag.hardware.choose``) with ``compile``, ``compile_reason`` and ``requested.compile`` added.
+    """
+    import torch
+
+    from trickbag import distributed, hardware
+    from trickbag.cache import cache_folder
+    from trickbag.compile import decide
+
+    requested_layout = cfg.data.channels_last
+    choice = hardware.choose(
+        model, image_shape, device, precision=cfg.precision, channels_last=requested_layout,
+        batch_size=min(cfg.batch_size, hardware.PROBE_BATCH), cache_dir=cache_folder(cfg.data.cache_dir),
+    )  # fmt: skip
+    choice = distributed.broadcast_object(choice)
+    timings = choice["probe_ms"]
+    chosen_key = f"{choice['precision']}/{'channels_last' if choice['channels_last'] else 'contiguous'}"
+    step_s = None
+    # The probe's 1-thread step, scaled to the batch: an estimate, on the high side.
+    if chosen_key in timings:
+        step_s = timings[chosen_key] / 1000 * cfg.batch_size / min(cfg.batch_size, hardware.PROBE_BATCH)
+    steps = cfg.epochs * math.ceil(num_train / cfg.batch_size)
+    choice["compile"], choice["compile_reason"] = decide(cfg.compile, device, steps=steps, step_s=step_s)
+    choice["requested"]["compile"] = cfg.compile
+    cfg.precision, cfg.data.channels_last = choice["precision"], choice["channels_last"]
+    if choice["channels_last"] and requested_layout == "auto":
+        model.to(memory_format=torch.channels_last)
+    log(hardware.describe(choice))
+    if choice["warning"]:
+        log(choice["warning"])
+    return choice
 
 
 def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
@@ -183,6 +221,8 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
     torch.manual_seed(cfg.seed)  # model initialisation and dropout draw from torch's global generator
     model = build_model_for(cfg, num_classes, image_shape[0], device)
     mean, std = input_statistics(cfg, model, train_set, logger.info)
+    # Before SyncBatchNorm (the probe's steps must not be collectives) and before the loaders (their layout).
+    hardware = choose_hardware_settings(cfg, model, image_shape, device, len(train_set), logger.info)
     if cfg.train.sync_bn and world > 1:  # before the optimizer and the EMA (same parameter objects)
         model = distributed.convert_sync_batchnorm(model)
     attach_posthoc_adjustment(model, cfg, counts.tolist())  # before the EMA copies the model (and its hook)
@@ -249,6 +289,18 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
         from trickbag.ema import ModelEMA
 
         ema = ModelEMA(model, cfg.train.ema_decay)
+    precision = Precision(cfg.precision, device)
+    # After the EMA's copy, which stays uncompiled; in place, so the state_dict keys are unchanged.
+    if hardware["compile"]:
+        from trickbag.compile import compile_model
+
+        generator = torch.Generator().manual_seed(0)  # not the global RNG: compiling changes no random draw
+        example = torch.randn(cfg.batch_size, *image_shape, generator=generator).to(device)
+        if cfg.data.channels_last:
+            example = example.contiguous(memory_format=torch.channels_last)
+        hardware["compile"], message = compile_model(model, example, autocast=precision.autocast)
+        hardware["compile_message"] = message
+        logger.info(f"compile: {hardware['compile_reason']}; {message}")
     teacher = teacher_for(cfg, device, mean, std)
     meta = {
         "config": config_to_dict(cfg),
@@ -261,6 +313,7 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
         "class_counts": counts.tolist(),  # training label counts: priors, LDAM margins, post-hoc adjustment
         "updates_per_epoch": updates_per_epoch,  # with base_lr: `trickbag report` redraws the LR per update
         "base_lr": float(optimizer.param_groups[0]["initial_lr"]),
+        "hardware": hardware,  # the probe's choice of precision / layout / compile, and its timings
     }
     if world > 1:
         meta["world_size"] = world  # informative: a resume may use another number of processes
@@ -287,7 +340,7 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
         loss_fn=loss_fn,
         optimizer=optimizer,
         scheduler=scheduler,
-        precision=Precision(cfg.precision, device),
+        precision=precision,
         metrics=ClassificationMetrics(num_classes, class_names=classes, top_k=top_k, zero_division=0.0),
         mixer=mixer,
         ema=ema,
@@ -565,6 +618,8 @@ def finish_run(run: Run, state) -> dict[str, Any]:
         "train_time_s": round(state.train_time_s, 3),
         "images_per_s": round(state.images / max(state.train_time_s, 1e-9), 1),
         "skipped_updates": state.skipped_updates,
+        # precision / channels_last / compile as chosen, with the probe's timings and the CPU or GPU
+        "hardware": parts.checkpointer.meta.get("hardware") if parts.checkpointer is not None else None,
         # training label counts: the summary, eval and report mark the rarest classes by them
         "class_counts": parts.checkpointer.meta.get("class_counts") if parts.checkpointer is not None else None,
         "checkpoints": checkpoints,
