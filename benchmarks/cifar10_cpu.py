@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from trickbag.data import load_image_folder  # noqa: E402
+from trickbag.hardware import cpu_info  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------
 # The tutorial, verbatim in substance
@@ -99,7 +100,12 @@ def run_tutorial(train, test, *, epochs: float, seed: int = 0) -> dict:
         x_test = to_float(test.images)
         for i in range(0, len(test), 1000):
             correct += (net(x_test[i : i + 1000]).argmax(1) == test.labels[i : i + 1000]).sum().item()
-    return {"train_s": train_s, "accuracy": correct / len(test), "epochs": epochs}
+    return {
+        "train_s": train_s,
+        "accuracy": correct / len(test),
+        "epochs": epochs,
+        "settings": "fp32, NCHW, eager",
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -136,7 +142,13 @@ def run_trickbag(recipe: Path, data_root: Path, overrides: list[str]) -> dict:
         results = json.loads((metrics_files[-1].parent / "results.json").read_text(encoding="utf-8"))
     # The test accuracy of the checkpoint chosen on val (never the best test epoch).
     chosen = results["checkpoints"].get("best_metric") or results["checkpoints"]["last"]
+    hardware = results.get("hardware") or {}
+    settings = (
+        f"{hardware.get('precision', '?')}, {'NHWC' if hardware.get('channels_last') else 'NCHW'}, "
+        f"{'compiled' if hardware.get('compile') else 'eager'}"
+    )
     return {
+        "settings": settings,  # what precision / layout / compile the run chose (or was told)
         "train_s": sum(float(row["time_s"]) for row in rows),
         "wall_s": wall_s,
         "accuracy": float(chosen["test"]["accuracy"]),
@@ -220,14 +232,19 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nCIFAR-10 on CPU ({torch.get_num_threads()} threads, torch {torch.__version__}), same run, same data"
     )
-    print(f"{'':16s} {'epochs':>7s} {'train s':>8s} {'wall s':>7s} {'test acc':>9s} {'time / tutorial':>16s}")
+    info = cpu_info()
+    print(f"CPU: {info['model']}; flags: {', '.join(info['flags']) or 'none of avx2/avx512/amx'}; "
+          f"torch kernels: {info['capability']}")  # fmt: skip
+    print(
+        f"{'':16s} {'epochs':>7s} {'train s':>8s} {'wall s':>7s} {'test acc':>9s} {'time / tutorial':>16s}  settings"
+    )
     tutorial = results.get("tutorial")
     for name, result in results.items():
         wall = f"{result['wall_s']:.1f}" if "wall_s" in result else "-"
         ratio = f"{result['train_s'] / tutorial['train_s']:.2f}x" if tutorial else "-"
         print(
             f"{name:16s} {result['epochs']:7.1f} {result['train_s']:8.1f} {wall:>7s} "
-            f"{result['accuracy']:9.2%} {ratio:>16s}"
+            f"{result['accuracy']:9.2%} {ratio:>16s}  {result.get('settings', '-')}"
         )
     return 0
 
