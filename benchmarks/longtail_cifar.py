@@ -17,6 +17,11 @@ loss or sampling changed, trained on all of the long-tailed train split (``data.
 chosen, the ``last`` checkpoint is tested once). Scores are test macro-F1 and the recall of the rarest class
 (truck, 50 images at ratio 100), mean and range over the seeds. Targets (issue 13): the best method beats CE's
 macro-F1 by >= 8 points, and its rarest-class recall is >= 50%.
+
+Measured 2026-12-01 (AMD EPYC, 2 cores shared with other jobs, 1 training thread, torch 2.13 CPU, ratio 100,
+20 epochs, seeds 0-1; test macro-F1 % / rarest-class recall %, mean of 2): CE 52.8 / 5.6, focal 54.7 / 11.6,
+CB weights 60.4 / 43.1, DRW 67.2 / 50.4, logit-adjusted loss 69.5 / 64.2, CE + post-hoc adjustment 69.6 / 63.7,
+LDAM-DRW 67.6 / 50.4; 62-80 s of training per run. Both targets met (+16.7 points, 64%).
 """
 
 from __future__ import annotations
@@ -32,15 +37,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# name -> overrides of recipes/longtail_fast.yaml (whose own loss is LDAM-DRW, so every row sets its loss)
+# name -> overrides of recipes/longtail_fast.yaml (every row sets its whole loss)
 PLAIN = ["loss.class_weights=none", "loss.drw_epoch=null", "loss.kind=ce"]
 METHODS = {
     "CE": PLAIN,
     "focal (gamma 2)": [*PLAIN, "loss.kind=focal", "loss.focal_gamma=2.0"],
     "CB weights (CE, beta .9999)": [*PLAIN, "loss.class_weights=effective_number"],
     "DRW (CE)": [*PLAIN, "loss.class_weights=effective_number", "loss.drw_epoch=DRW"],
-    "logit-adjusted loss (tau 1)": [*PLAIN, "loss.kind=logit_adjusted", "loss.tau=1.0"],
-    "LDAM-DRW (recipe)": [],
+    "logit-adjusted loss (tau 1, the recipe)": [*PLAIN, "loss.kind=logit_adjusted", "loss.tau=1.0"],
+    "LDAM-DRW (s 1, max margin 0.5)": [
+        *PLAIN,
+        "loss.kind=ldam",
+        "loss.ldam_scale=1.0",
+        "loss.ldam_max_margin=0.5",
+        "loss.class_weights=effective_number",
+        "loss.beta=0.9999",
+        "loss.drw_epoch=DRW",
+    ],  # fmt: skip
 }
 
 
@@ -74,8 +87,8 @@ def run_one(
 
     base = [f"data.root={root}", "data.val_fraction=0", f"seed={seed}", f"output_dir={run_root}"]
     total = epochs or load_config(recipe_path("longtail_fast"), base).epochs
-    drw = str(max(1, round(total * 2 / 3)))  # the recipe's 20 of 30: the last third re-weighted
-    extra = [f"epochs={total}", f"loss.drw_epoch={drw}"]  # before the method's own overrides, which win
+    drw = str(max(1, round(total * 2 / 3)))  # 13 of 20 epochs: the last third re-weighted
+    extra = [f"epochs={total}"]
     overrides = [item.replace("=DRW", f"={drw}") for item in overrides]
     cfg = load_config(recipe_path("longtail_fast"), [*base, *extra, *overrides, *common])
     run_dir = run_root / f"run-{len(list(run_root.iterdir())):03d}"
