@@ -232,7 +232,10 @@ def test_imbalanced_folder_picks_macro_f1_and_recommends_weights(tmp_path):
     assert run_cli(*argv) == 0
     run_dir = only_run(tmp_path / "runs")
     assert "macro_f1=" in os.readlink(run_dir / "best_metric")  # "auto" chose macro-F1 for 10:1 data
-    assert "consider loss.class_weights=effective_number" in (run_dir / "train.log").read_text()
+    assert (
+        "class imbalance" in (log := (run_dir / "train.log").read_text())
+        and "loss.class_weights=effective_number" in log
+    )
     assert (
         run_cli(
             *argv[:-2],

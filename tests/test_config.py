@@ -65,7 +65,7 @@ def test_literal_error_lists_choices(tmp_path):
     assert any(
         line.startswith(f"{path}: schedule.kind='cosin' not in {{") and "'cosine'" in line for line in lines
     )
-    assert any("precision='fp8' not in {'fp32', 'fp16', 'bf16'}" in line for line in lines)
+    assert any("precision='fp8' not in {'auto', 'fp32', 'fp16', 'bf16'}" in line for line in lines)
 
 
 def test_range_and_type_errors_name_key_and_value(tmp_path):
@@ -76,7 +76,7 @@ def test_range_and_type_errors_name_key_and_value(tmp_path):
     assert "epochs=0" in message
     assert "batch_size='many'" in message
     assert "data.val_fraction=1.5" in message
-    assert "loss.kind='hinge' not in {'ce', 'focal'}" in message
+    assert "loss.kind='hinge' not in {'ce', 'focal', 'ldam', 'logit_adjusted', 'balanced_softmax'}" in message
     assert len(message.splitlines()) == 4
 
 
