@@ -28,3 +28,16 @@ def test_cache_show_and_clear(tmp_path, monkeypatch, capsys):
     assert not old.exists() and new.exists()
     assert main(["cache", "--cache-dir", str(tmp_path / "c"), "clear"]) == 0
     assert not new.exists() and cache.list_entries(tmp_path / "c") == []
+
+
+def test_full_clear_also_forgets_cached_probe_choices(tmp_path):
+    from trickbag import cache
+
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    (probes / "abc.json").write_text("{}")
+    assert (probes / "abc.json") in cache.clear(tmp_path)
+    assert not (probes / "abc.json").exists()
+    (probes / "def.json").write_text("{}")
+    cache.clear(tmp_path, older_than_days=1)  # pruning by age keeps the probe choices
+    assert (probes / "def.json").exists()

@@ -155,7 +155,11 @@ def clear(
     entries = list_entries(folder)
     if older_than_days is not None:
         entries = [e for e in entries if now - e.last_used > older_than_days * DAY]
-    return _remove(Path(folder), [e.path for e in entries])
+    # The hardware probe's cached choices (trickbag.hardware) live in probes/: a full clear forgets them too.
+    probes = sorted((Path(folder) / "probes").glob("*.json")) if older_than_days is None else []
+    for probe in probes:
+        probe.unlink(missing_ok=True)
+    return _remove(Path(folder), [e.path for e in entries]) + probes
 
 
 def _remove(folder: Path, paths: list[Path]) -> list[Path]:
