@@ -434,6 +434,12 @@ def imbalance_problems(config: Config) -> list[str]:
             f"loss.kind={loss.kind!r} with data.sampling={data.sampling!r}: the prior offset assumes the natural "
             "label distribution; balanced sampling would correct twice. Set data.sampling=none"
         )
+    if data.sampling != "none" and (data.random_resized_crop or data.in_memory is False):
+        problems.append(
+            f"data.sampling={data.sampling!r} needs the in-memory loader; streamed images (data.in_memory=false "
+            "or data.random_resized_crop) are not sampled by class: use data.sampling=none with "
+            "loss.class_weights (and loss.drw_epoch) instead"
+        )
     if data.sampling != "none" and loss.class_weights != "none":
         problems.append(
             f"data.sampling={data.sampling!r} with loss.class_weights={loss.class_weights!r} re-balances twice; "

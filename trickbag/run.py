@@ -233,6 +233,11 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
             f"{len(train_set)} training images are fewer than one global batch (batch_size={cfg.batch_size} "
             f"per process x {world} processes); lower batch_size or use fewer processes"
         )
+    if streamed and cfg.data.sampling != "none":  # in_memory=auto chose to stream this (large) training set
+        raise ValueError(
+            f"data.sampling={cfg.data.sampling!r} needs the in-memory loader, but this training set is streamed "
+            "(larger than data.memory_budget_gb); use loss.class_weights with loss.drw_epoch instead"
+        )
     if streamed:
         train_loader = streaming.loader_for(
             cfg.data, train_set, train=True, batch_size=cfg.batch_size, seed=cfg.seed,
