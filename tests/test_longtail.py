@@ -264,6 +264,11 @@ def test_sampler_order_is_a_function_of_seed_and_epoch_and_resumes_exactly():
         (["eval.logit_adjust_tau=1", "loss.kind=logit_adjusted"], "already re-balances"),
         (["eval.logit_adjust_tau=1", "data.sampling=inverse"], "already re-balances"),
         (["data.sampling=balanced"], "data.sampling='balanced' not in"),
+        (["data.sampling=sqrt", "data.in_memory=false"], "needs the in-memory loader"),
+        (
+            ["data.sampling=inverse", "data.random_resized_crop=true", "data.image_size=32"],
+            "in-memory loader",
+        ),
         (["loss.kind=ldm"], "loss.kind='ldm' not in"),
         (["loss.tau=0"], "loss.tau=0"),
     ],
