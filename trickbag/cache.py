@@ -173,3 +173,12 @@ def _remove(folder: Path, paths: list[Path]) -> list[Path]:
             index.pop(path.name, None)
             removed.append(path)
     return removed
+
+
+def format_size(num_bytes: float) -> str:
+    """``512 B``, ``1.5 KB``, ``20.0 GB`` (decimal units, as disks are sold)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1000 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1000
+    return ""

@@ -42,6 +42,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors_bytes
 
 from trickbag import __version__
+from trickbag.cache import format_size
 
 KINDS = ("last", "best_loss", "best_metric")
 WEIGHTS_FILE = "model.safetensors"
@@ -214,14 +215,6 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def _size(num_bytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if num_bytes < 1000 or unit == "GB":
-            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
-        num_bytes /= 1000
-    return ""
-
-
 def _write_error(
     error: OSError, step: str, kind: str, run_dir: Path, needed: int, final: Path
 ) -> CheckpointWriteError:
@@ -230,12 +223,10 @@ def _write_error(
     message = f"could not save the '{kind}' checkpoint in {run_dir}: {step} failed: {error.strerror or error}{where}"
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         try:
-            free = f"{_size(shutil.disk_usage(run_dir).free)} free"
+            free = f"{format_size(shutil.disk_usage(run_dir).free)} free"
         except OSError:
             free = "free space unknown"
-        message += (
-            f"; the checkpoint needs {_size(needed)} ({free}): free space or set output_dir to another disk"
-        )
+        message += f"; the checkpoint needs {format_size(needed)} ({free}): free space or set output_dir to another disk"
     elif error.errno == errno.EROFS:
         message += "; the file system is read-only: set output_dir to a writable folder"
     elif error.errno in (errno.EACCES, errno.EPERM):

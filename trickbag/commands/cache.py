@@ -43,14 +43,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     clear.set_defaults(func=handle_clear)
 
 
-def _size(num_bytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if num_bytes < 1000 or unit == "GB":
-            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
-        num_bytes /= 1000
-    return ""
-
-
 def _ago(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds / 60:.0f} min ago"
@@ -66,11 +58,11 @@ def handle_show(args) -> int:
     entries = cache.list_entries(folder)
     total = sum(entry.bytes for entry in entries)
     print(f"image cache: {folder}{'' if folder.is_dir() else ' (not created yet)'}")
-    print(f"{len(entries)} entries, {_size(total)}")
+    print(f"{len(entries)} entries, {cache.format_size(total)}")
     now = time.time()
     for entry in entries:
         print(
-            f"  {entry.path.name}  {_size(entry.bytes):>9}  used {_ago(now - entry.last_used):>12}  {entry.source}"
+            f"  {entry.path.name}  {cache.format_size(entry.bytes):>9}  used {_ago(now - entry.last_used):>12}  {entry.source}"
         )
     return 0
 
