@@ -49,7 +49,7 @@ class DataConfig(_Section):
     split_seed: int = Field(0, ge=0)  # the val split is the same for every run seed (paired comparisons)
     csv: str | None = None  # csv kind: file with columns path,label
     test_csv: str | None = None  # csv kind: the test set (same columns); none: no test figures
-    cache_dir: str | None = None  # the decoded-image cache folder itself; None: $TRICKBAG_CACHE_DIR or ~/.cache
+    cache_dir: str | None = None  # the image cache folder itself; None: $TRICKBAG_CACHE_DIR or ~/.cache
     skip_bad_images: bool = False
     crop_padding: int = Field(0, ge=0)  # random crop after reflect padding of this many pixels
     flip: bool = False  # random horizontal flip
@@ -493,7 +493,7 @@ def describe_error(item: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{key}: required key is missing"
     message = item["msg"].removeprefix("Value error, ")  # pydantic's wording around our own validators
-    if isinstance(value, dict):  # a whole-section check: its message names the keys, the section dump would not
+    if isinstance(value, dict):  # a whole-section check: its message names the keys; the dump would not
         return f"{key}: {message}" if key else message
     return f"{key}={value!r}: {message}"
 

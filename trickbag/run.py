@@ -626,7 +626,7 @@ def finish_run(run: Run, state) -> dict[str, Any]:
         # precision / channels_last / compile as chosen, with the probe's timings and the CPU or GPU
         "hardware": parts.checkpointer.meta.get("hardware") if parts.checkpointer is not None else None,
         # training label counts: the summary, eval and report mark the rarest classes by them
-        "class_counts": parts.checkpointer.meta.get("class_counts") if parts.checkpointer is not None else None,
+        "class_counts": None if parts.checkpointer is None else parts.checkpointer.meta.get("class_counts"),
         "checkpoints": checkpoints,
     }
     if distributed.is_main():
