@@ -16,8 +16,9 @@ of a torchvision DataLoader, which only makes the tutorial faster than it really
 trickbag side: ``python -m trickbag train recipes/cifar10_fast.yaml data.root=DATA`` as a subprocess; its
 training time is the sum of the per-epoch times in the run's metrics.csv (evaluation included), and the
 subprocess wall-clock (start-up, cache read, checkpoints, the final test pass) is reported too. Accuracy is the
-test accuracy (from results.json) of the checkpoint chosen on the run's validation split (10% of train by
-default, so trickbag trains on 45,000 images where the tutorial uses all 50,000), flip TTA if the recipe enables it.
+test accuracy (from results.json) of the checkpoint the run reports: best_metric when the recipe chooses on a
+validation split, else `last` (cifar10_fast chooses nothing: data.val_fraction 0, all 50,000 training images, as
+the tutorial), flip TTA if the recipe enables it.
 """
 
 from __future__ import annotations
