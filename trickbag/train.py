@@ -360,11 +360,12 @@ def fit(
                     reduced = not last
                 else:
                     parts.precision.backward(total / scale)
-                    kept_weight = kept_weight + (
-                        weight.detach().float() if torch.is_tensor(weight) else weight
-                    )
+                    if weighted:  # unweighted groups are normalised by the sample count (no tensor op)
+                        kept_weight = kept_weight + (
+                            weight.detach().float() if torch.is_tensor(weight) else weight
+                        )
                     kept_samples += len(x)
-                    window.append(total.detach() / weight)
+                    window.append((total.detach(), weight))  # divided once per log window, not per step
                     reduced = True
             images += len(x)
             if last:
@@ -497,14 +498,17 @@ def _seed_rank_streams(seed: int, epoch: int, parts: Parts) -> None:
         parts.mixer.generator.manual_seed(distributed.rank_seed(seed + 1, rank, epoch))
 
 
-def _check_window(window: list[torch.Tensor], epoch: int, updates: int, parts: Parts, progress) -> float:
+def _check_window(window: list[tuple], epoch: int, updates: int, parts: Parts, progress) -> float:
     """Mean of the window's losses (one host sync); non-finite -> NonFiniteLossError naming the step.
 
     With several processes the window is every rank's: the same running loss and the same verdict on all.
     """
     if not window:
         return math.nan
-    losses = torch.stack(window).float()
+    totals = torch.stack([total for total, _ in window]).float()
+    weights = [weight for _, weight in window]
+    weights = torch.stack(weights).float() if torch.is_tensor(weights[0]) else torch.tensor(weights)
+    losses = totals / weights.to(totals.device)  # each micro-batch's mean loss
     if distributed.is_distributed():
         losses = distributed.all_gather_rows(losses.to(distributed.collective_device()))
     finite = torch.isfinite(losses)
