@@ -423,3 +423,21 @@ def test_ablate_end_to_end_survives_kill_9(tmp_path):
     assert all(0.0 < float(r["test_accuracy"]) <= 1.0 for r in rows)
     assert "+label_smoothing" in (out / "summary.md").read_text()
     assert "cannot tell with 2 seeds" in rerun.stdout
+
+
+def test_arm_on_the_command_line_adds_to_a_shipped_file_and_a_recipe_path_is_the_quick_form(tmp_path):
+    import argparse
+
+    from trickbag.commands.ablate import load_target
+
+    def args(target, *arms, overrides=()):
+        return argparse.Namespace(target=target, arm=[list(a) for a in arms] or None, overrides=list(overrides),
+                                  resume=None, seeds=None, design=None, epochs=None, out=None)  # fmt: skip
+
+    ablation, _, _ = load_target(args("cifar10_fast_tricks", ("distill", "distill.teacher=t/best_metric")))
+    assert "distill" in ablation.arms and "ema" in ablation.arms  # added to the file's arms
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "digits.yaml"
+    quick, recipe_path, _ = load_target(args(str(recipe), ("ls", "loss.label_smoothing=0.1")))
+    assert list(quick.arms) == ["ls"] and recipe_path.name == "digits.yaml"
+    with pytest.raises(FileNotFoundError, match="shipped ablations"):
+        load_target(args("no_such_ablation"))

@@ -63,24 +63,43 @@ def load_target(args):
         raise ValueError(
             "trickbag ablate needs an ablation file (e.g. digits_demo), a recipe with --arm, or --resume"
         )
-    if args.arm:
-        arms = {}
-        for name, *overrides in args.arm:
-            arms[name] = overrides
+    arms = {name: overrides for name, *overrides in (args.arm or [])}
+    path = _ablation_file_or_none(args.target)
+    if path is None:  # the quick form: a recipe plus --arm options
+        if not arms:
+            resolve_ablation_file(args.target)  # raises, naming the shipped ablations
         raw = {"base": {"recipe": args.target, "overrides": args.overrides}, "arms": arms}
         raw["name"] = "-".join([Path(args.target).stem, *arms])
         source, relative_to = "command line", None
     else:
-        path = resolve_ablation_file(args.target)
         ablation = load_ablation(path)
         raw, source, relative_to = ablation.model_dump(), str(path), path.parent
         raw["base"]["overrides"] += args.overrides  # e.g. data.root=/data/cifar10 for a shipped file
+        if arms:  # --arm adds arms to a file's (e.g. distillation with your own teacher)
+            raw["arms"] = {**raw["arms"], **arms}
+            raw["name"] = "-".join([raw["name"], *arms])
     for key in ("seeds", "design", "epochs"):
         if getattr(args, key) is not None:
             raw[key] = getattr(args, key)
     ablation = ablation_from_dict(raw, source)
     recipe = resolve_recipe(ablation.base.recipe, relative_to)
     return ablation, recipe, args.out or Path("ablations") / ablation.name
+
+
+def _ablation_file_or_none(target: str) -> Path | None:
+    import yaml
+
+    from trickbag.ablation import resolve_ablation_file
+
+    try:
+        path = resolve_ablation_file(target)
+    except FileNotFoundError:
+        return None
+    try:  # a recipe YAML given by path is the quick form's base, not an ablation file
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return path  # load_ablation reports the syntax error with its line
+    return path if isinstance(raw, dict) and ("arms" in raw or "base" in raw) else None
 
 
 def threads_per_run(recipe: Path, overrides: tuple[str, ...], jobs: int) -> int:
