@@ -243,3 +243,50 @@ def test_choose_streaming_by_budget():
     assert streaming.memory_budget_bytes(None) > 0
     with pytest.raises(ValueError, match="in_memory"):
         streaming.choose_streaming("yes", 1, 1, None)
+
+
+def passes(loader):
+    """Epoch 0; epoch 1 broken off after 2 batches, then whole; a jump to epoch 3; a resume at (2, batch 1)."""
+    out = batches(loader, 1)
+    loader.set_epoch(1)
+    out += [(x.clone(), y.clone()) for _, (x, y) in zip(range(2), loader)]
+    out += batches_of(loader, 1) + batches_of(loader, 3)
+    loader.load_state_dict({"seed": loader.seed, "epoch": 2, "batch": 1})
+    return out + batches_of(loader, 2) + batches_of(loader, 3)
+
+
+def batches_of(loader, epoch):
+    loader.set_epoch(epoch)
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def test_next_epoch_prefetch_gives_the_same_batches_and_runs_ahead(folder, monkeypatch):
+    """The workers' queue running on into the next epoch changes no batch, whatever the trainer does next."""
+    paths, labels, _ = list_image_folder(folder)
+    options = {"image_size": 8, "batch_size": 4, "shuffle": True, "seed": 9, "mean": MEAN, "std": STD,
+               "random_resized_crop": True, "flip": True}  # fmt: skip
+    requested = []  # the items the DataLoader asked the sampler for, in order
+    items = streaming._Batches.__iter__
+
+    def recording(self):
+        for item in items(self):
+            requested.append(item)
+            yield item
+
+    monkeypatch.setattr(streaming._Batches, "__iter__", recording)
+    ahead = StreamingLoader(paths, torch.tensor(labels), num_workers=2, prefetch_factor=2, **options)
+    restarted = StreamingLoader(paths, torch.tensor(labels), prefetch_next_epoch=False, **options)
+    assert len(ahead) == 6
+    first = batches(ahead, 1)
+    # 2 workers x 2 batches in flight: the first 4 batches of epoch 1 were handed out before epoch 0 ended.
+    assert requested[6:] == [(1, k) for k in range(4)]
+    assert_same(first, batches(restarted, 1))
+    ahead.set_epoch(0)
+    restarted.set_epoch(0)
+    assert_same(passes(ahead), passes(restarted))
+    # Each pass at an epoch's start right after the previous one continued the queue: no restart (which would
+    # ask for the pass's first item again).
+    continued = StreamingLoader(paths, torch.tensor(labels), num_workers=2, prefetch_factor=2, **options)
+    requested.clear()
+    batches(continued, 3)
+    assert requested[:18] == [(e, k) for e in range(3) for k in range(6)]

@@ -2,7 +2,8 @@
 
 Built on ``torch.utils.data.DataLoader`` (worker processes, pinned memory, prefetching): each item is a whole
 batch, decoded and augmented by one worker, so there is no per-sample collate and the main process only
-normalises on the device. The plan of an epoch (order, crop boxes, pad-crop offsets, flips) is drawn up front from
+normalises on the device. The workers persist across epochs and run on into the next epoch's first batches
+while the trainer consumes the last ones of this one, so the queue does not drain at epoch boundaries. The plan of an epoch (order, crop boxes, pad-crop offsets, flips) is drawn up front from
 ``trickbag.data.epoch_generator(seed, epoch)`` exactly as ``trickbag.data.BatchLoader`` draws it, and the order
 is sharded the same way (rank r of world_size takes positions r::world_size); so with the same pipeline (images
 fitted to one size, pad-crop + flip) both loaders give identical batches, and the batches do not depend on the
@@ -168,16 +169,25 @@ class _BatchFiles(torch.utils.data.Dataset):
 
 
 class _Batches(torch.utils.data.Sampler):
-    """The items of the current pass: (epoch, k) for k in [start, stop). Mutable: the workers persist."""
+    """The items from (epoch, start) on: (epoch, k) for k in [start, batches), then, with ``endless``, every batch
+    of epoch + 1, epoch + 2, ... Endless, the workers decode the next epoch's first batches while the trainer
+    still consumes this one (the plan is a pure function of (seed, epoch)), so the pipeline does not drain at each
+    epoch boundary. Mutable: the workers persist; ``len`` is only DataLoader's bookkeeping."""
 
-    def __init__(self) -> None:
-        self.epoch, self.start, self.stop = 0, 0, 0
+    def __init__(self, batches: int, endless: bool) -> None:
+        self.batches, self.endless = batches, endless
+        self.epoch, self.start = 0, 0
 
     def __iter__(self):
-        return iter([(self.epoch, k) for k in range(self.start, self.stop)])
+        epoch, start = self.epoch, self.start
+        while True:
+            yield from ((epoch, k) for k in range(start, self.batches))
+            if not self.endless or self.batches == 0:
+                return
+            epoch, start = epoch + 1, 0
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return self.batches - self.start
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,6 +212,9 @@ class StreamingLoader:
             False: fit each file as evaluation does (``aspect``, ``crop_fraction``), then pad-crop/flip.
         num_workers: decoding processes (0: in this process); prefetch_factor: batches each worker prepares
             ahead; pin_memory: None pins when ``device`` is CUDA.
+        prefetch_next_epoch: let the workers run on into epoch + 1 (batch 0 on) while this epoch is consumed,
+            so the trainer does not wait at each epoch start; a pass at another epoch or mid-epoch position
+            (``set_epoch``, ``load_state_dict``, a loop broken off) restarts the workers' queue there instead.
         draft: JPEG reduced-size decoding when the output is much smaller than the file.
     """
 
@@ -231,6 +244,7 @@ class StreamingLoader:
         prefetch_factor: int = 4,
         pin_memory: bool | None = None,
         draft: bool = True,
+        prefetch_next_epoch: bool = True,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -286,7 +300,10 @@ class StreamingLoader:
         )
         self._consumed = 0
         self._dataset = _BatchFiles(paths, labels, self._settings)
-        self._sampler = _Batches()
+        self._sampler = _Batches(len(self), bool(prefetch_next_epoch))
+        # The DataLoader iterator left running by the last pass, and the (epoch, batch) its next item is.
+        self._stream: Iterator | None = None
+        self._stream_at: tuple[int, int] | None = None
         pin = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
         workers = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers else {}
         self._loader = torch.utils.data.DataLoader(
@@ -336,9 +353,17 @@ class StreamingLoader:
         self._resume_at, self._consumed = 0, start
         # Only the pad-crop pipeline augments here (RRC crops and flips in the workers, on the original).
         plan = None if self.random_resized_crop else self.epoch_plan(epoch)
-        self._sampler.epoch, self._sampler.start, self._sampler.stop = epoch, start, len(self)
+        if self._stream is None or self._stream_at != (epoch, start):
+            # Not where the workers' queue is (first pass, resume, another epoch, a broken-off loop): restart it
+            # here; DataLoader drops the batches still in flight.
+            self._sampler.epoch, self._sampler.start = epoch, start
+            self._stream = iter(self._loader)
         non_blocking = self.device.type == "cuda"
-        for index, (images, labels) in enumerate(self._loader, start=start):
+        for index in range(start, len(self)):
+            self._stream_at = None  # while next() runs: an error there leaves the queue's position unknown
+            images, labels = next(self._stream)
+            last = index + 1 == len(self)
+            self._stream_at = (epoch + 1, 0) if last and self._sampler.endless else (epoch, index + 1)
             x = images.to(self.device, non_blocking=non_blocking)
             if plan is not None:
                 part = plan.batch(index, self.batch_size)
@@ -424,7 +449,11 @@ def loader_for(section, imageset, *, train: bool, batch_size: int, device, mean,
         "channels_last": channels_last, "num_workers": workers, "rank": rank, "world_size": world_size,
     }  # fmt: skip
     if not train:
-        return StreamingLoader(imageset.paths, imageset.labels, shuffle=False, **common)
+        # An evaluation pass comes after a training epoch: decoding the next one early would only take the cores
+        # from the training workers.
+        return StreamingLoader(
+            imageset.paths, imageset.labels, shuffle=False, prefetch_next_epoch=False, **common
+        )
     return StreamingLoader(
         imageset.paths, imageset.labels, shuffle=True, drop_last=drop_last, seed=seed,
         random_resized_crop=section.random_resized_crop, scale=tuple(section.rrc_scale),
