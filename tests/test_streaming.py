@@ -75,6 +75,13 @@ def test_same_batches_as_in_memory_for_the_same_pipeline(folder, tmp_path, paddi
                                num_workers=2, **options)  # fmt: skip
     assert len(streamed) == len(in_memory) == 4
     assert_same(batches(streamed), batches(in_memory))
+    # For a CPU device the workers finish the batches; for CUDA the main process does, on the device: that path
+    # too, forced here on the CPU.
+    on_device = StreamingLoader(memory.paths, memory.labels, image_size=16, aspect="crop", crop_fraction=0.8,
+                                num_workers=0, **options)  # fmt: skip
+    assert on_device._settings["finish_in_worker"]
+    on_device._settings["finish_in_worker"] = False
+    assert_same(batches(on_device), batches(in_memory))
     # Evaluation: every image once, in order, no augmentation.
     eval_memory = BatchLoader.for_eval(memory.images, memory.labels, batch_size=8, mean=MEAN, std=STD)
     eval_streamed = StreamingLoader(memory.paths, memory.labels, image_size=16, aspect="crop", crop_fraction=0.8,

@@ -122,11 +122,48 @@ class _Plan:
         return slice(index * batch_size, min((index + 1) * batch_size, len(self.order)))
 
 
+def _normalizer(
+    mean: list[float], std: list[float], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), each (1, 3, 1, 1) float32: uint8 * scale + shift == (uint8 / 255 - mean) / std."""
+    std_t = torch.tensor(std, dtype=torch.float32)
+    scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1).to(device)
+    return scale, (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, -1, 1, 1).to(device)
+
+
+def _finish(
+    x: torch.Tensor, plan: _Plan, part: slice, settings: dict, scale: torch.Tensor, shift: torch.Tensor
+):
+    """uint8 (B, 3, S, S) -> normalised float32 (B, 3, S, S), with the pad-crop pipeline's crops and flips.
+
+    BatchLoader's order of operations, so both give the same floats. Run in the workers for a CPU device (the
+    trainer's process then only receives finished batches), on the device for CUDA (a quarter of the bytes cross
+    PCIe as uint8, and the GPU normalises them in microseconds).
+    """
+    offsets = None if plan.offsets is None else plan.offsets[part]
+    # Random-resized crops are flipped in the workers on the decoded array; only the pad-crop pipeline flips here.
+    flips = None if plan.flips is None or plan.crops is not None else plan.flips[part]
+    if flips is not None and offsets is None:
+        x = random_flip(x, flips)
+    x = x.to(torch.float32).mul_(scale).add_(shift)
+    if offsets is not None:
+        x = random_crop(x, settings["crop_padding"], offsets, padding_mode=settings["padding_mode"])
+        if flips is not None:
+            x = random_flip(x, flips)
+    if settings["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 class _BatchFiles(torch.utils.data.Dataset):
-    """Item ``(epoch, batch index)`` -> (uint8 images (B, 3, H, W), labels (B,) int64), decoded in a worker."""
+    """Item ``(epoch, batch index)`` -> (images (B, 3, H, W), labels (B,) int64), decoded in a worker.
+
+    The images are uint8 as decoded, or, with ``settings["finish_in_worker"]``, finished (``_finish``) float32.
+    """
 
     def __init__(self, paths: list[str], labels: torch.Tensor | None, settings: dict) -> None:
         self.paths, self.labels, self.settings = paths, labels, settings
+        self.scale, self.shift = _normalizer(settings["mean"], settings["std"], torch.device("cpu"))
         self._plan: tuple[int, _Plan] | None = None
 
     def plan(self, epoch: int) -> _Plan:
@@ -153,6 +190,8 @@ class _BatchFiles(torch.utils.data.Dataset):
                     f"cannot decode {self.paths[i]!r}: {type(error).__name__}: {error}"
                 ) from error
         images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        if s["finish_in_worker"]:
+            images = _finish(images, plan, part, s, self.scale, self.shift)
         labels = torch.zeros(0, dtype=torch.int64) if self.labels is None else self.labels[order]
         return images, labels
 
@@ -290,11 +329,11 @@ class StreamingLoader:
             "flip": self.flip, "random_resized_crop": self.random_resized_crop, "rank": rank,
             "world_size": world_size, "batch_size": batch_size, "drop_last": self.drop_last,
             "image_size": image_size, "scale": tuple(scale), "ratio": tuple(ratio), "aspect": aspect,
-            "crop_fraction": float(crop_fraction), "draft": bool(draft),
+            "crop_fraction": float(crop_fraction), "draft": bool(draft), "mean": mean, "std": std,
+            "padding_mode": padding_mode, "channels_last": self.channels_last,
+            "finish_in_worker": self.device.type == "cpu",
         }  # fmt: skip
-        std_t = torch.tensor(std, dtype=torch.float32)
-        self._scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1).to(self.device)
-        self._shift = (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, -1, 1, 1).to(self.device)
+        self._scale, self._shift = _normalizer(mean, std, self.device)
         self._resume_at = (
             0  # batches of self.epoch already consumed (load_state_dict), skipped by the next pass
         )
@@ -351,8 +390,8 @@ class StreamingLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         epoch, start = self.epoch, self._resume_at
         self._resume_at, self._consumed = 0, start
-        # Only the pad-crop pipeline augments here (RRC crops and flips in the workers, on the original).
-        plan = None if self.random_resized_crop else self.epoch_plan(epoch)
+        # Batches come finished from the workers for a CPU device; for CUDA they are finished here, on the GPU.
+        plan = None if self._settings["finish_in_worker"] else self.epoch_plan(epoch)
         if self._stream is None or self._stream_at != (epoch, start):
             # Not where the workers' queue is (first pass, resume, another epoch, a broken-off loop): restart it
             # here; DataLoader drops the batches still in flight.
@@ -366,21 +405,9 @@ class StreamingLoader:
             self._stream_at = (epoch + 1, 0) if last and self._sampler.endless else (epoch, index + 1)
             x = images.to(self.device, non_blocking=non_blocking)
             if plan is not None:
-                part = plan.batch(index, self.batch_size)
-                offsets = None if plan.offsets is None else plan.offsets[part]
-                flips = None if plan.flips is None else plan.flips[part]
-                # BatchLoader's order of operations, so both give the same floats.
-                if flips is not None and offsets is None:
-                    x = random_flip(x, flips)
-                x = self.normalize(x)
-                if offsets is not None:
-                    x = random_crop(x, self.crop_padding, offsets, padding_mode=self.padding_mode)
-                    if flips is not None:
-                        x = random_flip(x, flips)
-            else:
-                x = self.normalize(x)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+                x = _finish(
+                    x, plan, plan.batch(index, self.batch_size), self._settings, self._scale, self._shift
+                )
             y = None if self.labels is None else labels.to(self.device, non_blocking=non_blocking)
             self._consumed = index + 1
             yield x, y
