@@ -225,3 +225,10 @@ def test_resume_refuses_when_only_best_checkpoints_verify(tmp_path, capsys):
     assert main(["resume", str(run_dir), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "no usable `last` checkpoint" in err and "best_" in err
+
+
+def test_a_run_that_fails_before_training_leaves_no_empty_run_folder(tmp_path, capsys):
+    out = tmp_path / "runs"
+    code = main(["train", DIGITS, *TINY, f"output_dir={out}", "eval.best_metric=top12_accuracy", "--quiet"])
+    assert code == 2 and "top12_accuracy" in capsys.readouterr().err
+    assert not out.exists() or list(out.iterdir()) == []

@@ -171,8 +171,22 @@ def _train(args, several: bool = False) -> int:
     run_dir = distributed.broadcast_object(
         new_run_dir(cfg.output_dir, cfg.name) if distributed.is_main() else None
     )
-    run = build_run(cfg, Path(run_dir), quiet=args.quiet)
+    try:
+        run = build_run(cfg, Path(run_dir), quiet=args.quiet)
+    except BaseException:
+        # Nothing was trained (bad data path, unknown metric, ...): do not leave an empty runs/NAME-NNN behind.
+        if distributed.is_main():
+            _remove_unused_run_dir(Path(run_dir))
+        raise
     return fit_and_summarize(run)
+
+
+def _remove_unused_run_dir(run_dir: Path) -> None:
+    """Delete a run folder that holds no checkpoint (only what build_run writes before training)."""
+    import shutil
+
+    if run_dir.is_dir() and not any(run_dir.glob("last*")):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _join(device: str) -> None:
