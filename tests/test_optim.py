@@ -9,7 +9,6 @@ from trickbag.config import OptimizerConfig, build_optimizer_from_config
 from trickbag.optim import (
     build_optimizer,
     choose_implementation,
-    optimizer_from_config,
     param_groups,
     scale_lr,
 )
@@ -241,17 +240,6 @@ def test_build_optimizer_from_config_scales_lr_and_groups():
     assert [len(g["params"]) for g in everything.param_groups] == [4]
     adamw = build_optimizer_from_config(net, OptimizerConfig(name="adamw", lr=1e-3, betas=(0.8, 0.95)), 128)
     assert adamw.defaults["betas"] == (0.8, 0.95) and adamw.param_groups[0]["lr"] == pytest.approx(5e-4)
-
-
-def test_compatibility_name_builds_the_same_optimizer():
-    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
-    cfg = OptimizerConfig(
-        name="adam", lr=0.2, ref_batch_size=64, weight_decay=0.01, betas=(0.5, 0.6), eps=1e-5
-    )
-    ours, new = optimizer_from_config(net, cfg, 32), build_optimizer_from_config(net, cfg, 32)
-    assert type(ours) is type(new) and ours.defaults == new.defaults
-    strip = [{k: v for k, v in g.items() if k != "params"} for g in ours.param_groups]
-    assert strip == [{k: v for k, v in g.items() if k != "params"} for g in new.param_groups]
 
 
 def test_build_optimizer_from_config_validation():

@@ -19,7 +19,6 @@ from trickbag.schedules import (
     lr_curve,
     plot_lr_curve,
     resolve_schedule,
-    scheduler_from_config,
 )
 
 
@@ -477,16 +476,15 @@ def test_defaults_agree_between_scheduler_spec_and_config():
     assert from_config == SCHEDULE_DEFAULTS
 
 
-def test_build_scheduler_and_compatibility_name():
+def test_build_scheduler_from_a_config():
     cfg = ScheduleConfig(kind="step", step_size=1, gamma=0.5, warmup_steps=1)
-    for build in (build_scheduler, scheduler_from_config):
-        optimizer = make_optimizer((1.0,))
-        scheduler = build(optimizer, cfg, steps_per_epoch=2, epochs=3)
-        lrs = []
-        for _ in range(6):
-            lrs.append(optimizer.param_groups[0]["lr"])
-            scheduler.step()
-        assert lrs == [0.1, 1.0, 0.5, 0.5, 0.25, 0.25]
+    optimizer = make_optimizer((1.0,))
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=2, epochs=3)
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+    assert lrs == [0.1, 1.0, 0.5, 0.5, 0.25, 0.25]
     with pytest.raises(TypeError, match="cfg must be a ScheduleConfig"):
         build_scheduler(make_optimizer(), {"kind": "cosine"}, steps_per_epoch=1, epochs=1)
 

@@ -252,29 +252,6 @@ def _tensors_of(params: list) -> list[torch.Tensor]:
 # Compatibility
 
 
-def optimizer_from_config(model: nn.Module, cfg: Any, effective_batch_size: int) -> torch.optim.Optimizer:
-    """Compatibility name for ``trickbag.config.build_optimizer_from_config``; remove once nothing imports it.
-
-    ``cfg`` is any object with the fields of ``trickbag.config.OptimizerConfig``, so this module needs neither
-    pydantic nor trickbag.config.
-    """
-    _check_positive_int("effective_batch_size", effective_batch_size)
-    lr = cfg.lr
-    if cfg.scale_lr:
-        lr = scale_lr(cfg.lr, effective_batch_size, base_batch_size=cfg.ref_batch_size)
-    return build_optimizer(
-        cfg.name,
-        param_groups(model, cfg.weight_decay, no_decay_bias_norm=cfg.no_decay_bias_norm),
-        lr=lr,
-        weight_decay=cfg.weight_decay,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov,
-        betas=tuple(cfg.betas),
-        eps=cfg.eps,
-        implementation=cfg.implementation,
-    )
-
-
 def _check_nonnegative(name: str, value: Any) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
         raise ValueError(f"{name} must be a number >= 0, got {value!r}")

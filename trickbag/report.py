@@ -16,10 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from trickbag.checkpoint import atomic_write_bytes
-
-# Progress and RunLogger re-exported: compatibility: removed once train.py/run.py import the new modules.
-from trickbag.progress import Progress  # noqa: F401
-from trickbag.runlog import LR_FILE, METRICS_FILE, RunLogger, format_value  # noqa: F401
+from trickbag.runlog import LR_FILE, METRICS_FILE, format_value
 
 RESULTS_FILE = "results.json"  # written by trickbag.run.finish_run
 

@@ -494,17 +494,6 @@ class Scheduler:
         self._apply()
 
 
-def scheduler_from_config(
-    optimizer: torch.optim.Optimizer, cfg: Any, *, steps_per_epoch: int, epochs: int
-) -> Scheduler:
-    """Compatibility name for ``trickbag.config.build_scheduler``; remove once nothing imports it.
-
-    ``cfg`` is any object with a ``model_dump()`` of Scheduler arguments (a ScheduleConfig), so this module
-    needs neither pydantic nor trickbag.config.
-    """
-    return Scheduler(optimizer, **cfg.model_dump(), steps_per_epoch=steps_per_epoch, epochs=epochs)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Curves and plots
 

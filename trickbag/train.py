@@ -593,10 +593,3 @@ def restore_training_state(saved: dict[str, Any], loaders: Loaders, parts: Parts
     restore_rng_state(saved["rng"])
     known = TrainState.__dataclass_fields__
     return TrainState(**{key: value for key, value in saved["progress"].items() if key in known})
-
-
-def make_loss(kind: str = "ce", **options) -> nn.Module:
-    """Deprecated alias of ``trickbag.losses.ClassifierLoss(kind, ...)`` (kept for code written against 0.x)."""
-    from trickbag.losses import ClassifierLoss
-
-    return ClassifierLoss(kind, **options)
