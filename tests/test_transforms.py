@@ -10,7 +10,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from trickbag import transforms
+from trickbag import decode, transforms
+
+DECODERS = [
+    "pil",
+    pytest.param(
+        "simplejpeg",
+        marks=pytest.mark.skipif(
+            decode.choose_decoder("auto") != "simplejpeg", reason="simplejpeg not installed"
+        ),
+    ),
+]
 
 
 def smooth_image(height: int, width: int) -> np.ndarray:
@@ -101,23 +111,70 @@ def test_resized_crop_matches_torch_on_the_box(tmp_path):
         0
     ]
     left, top, right, bottom = (round(v) for v in box.tolist())
-    out = transforms.resized_crop(str(path), u, (32, 32), (0.2, 1.0), (0.75, 4 / 3))
-    reference = torch_resize(array[top:bottom, left:right], (32, 32))
-    assert np.abs(out.astype(float) - reference).mean() < 2.0
+    out = transforms.resized_crop(str(path), u, (32, 24), (0.2, 1.0), (0.75, 4 / 3))
+    assert out.shape == (32, 24, 3) and out.dtype == np.uint8
+    reference = torch_resize(array[top:bottom, left:right], (32, 24))  # float maths, rounded: within 1 level
+    assert np.abs(out.astype(float) - reference).max() <= 1
 
 
-def test_draft_decoding_is_close_to_full_decoding(tmp_path):
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_draft_decoding_is_close_to_full_decoding(tmp_path, decoder):
     array = smooth_image(800, 1000)
     path = tmp_path / "big.jpg"
     Image.fromarray(array).save(path, quality=95)
     u = torch.tensor([0.9, 0.5, 0.5, 0.5], dtype=torch.float64)
-    fast = transforms.resized_crop(str(path), u, (64, 64), (0.5, 1.0), (0.75, 4 / 3), draft=True)
-    full = transforms.resized_crop(str(path), u, (64, 64), (0.5, 1.0), (0.75, 4 / 3), draft=False)
+    fast = transforms.resized_crop(
+        str(path), u, (64, 64), (0.5, 1.0), (0.75, 4 / 3), draft=True, decoder=decoder
+    )
+    full = transforms.resized_crop(
+        str(path), u, (64, 64), (0.5, 1.0), (0.75, 4 / 3), draft=False, decoder=decoder
+    )
     assert np.abs(fast.astype(float) - full.astype(float)).mean() < 2.0
     _, factor = transforms.open_rgb(str(path), (125, 100))
     assert factor == (8.0, 8.0)  # 1000x800 -> 125x100 keeps the request: the 1/8 DCT scale
     _, factor = transforms.open_rgb(str(path), (300, 300))
     assert factor == (2.0, 2.0)  # 1/4 would give 250x200 < 300: 1/2
+
+
+def test_the_decode_scale_never_upsamples_a_crop(tmp_path, monkeypatch):
+    """Each box keeps at least the output's pixels at the scale its JPEG is decoded at."""
+    path = tmp_path / "big.jpg"
+    Image.fromarray(smooth_image(960, 1280)).save(path, quality=90)
+    chosen = []
+    real_decode = decode.decode
+
+    def recording(encoded, factor=1):
+        chosen.append(factor)
+        return real_decode(encoded, factor)
+
+    monkeypatch.setattr(decode, "decode", recording)
+    u = transforms.draw_resized_crops(torch.Generator().manual_seed(0), 64)
+    transforms.resized_crops([str(path)] * 64, u, (56, 40), (0.01, 1.0), (1 / 3, 3.0))
+    boxes = transforms.crop_boxes(
+        u, torch.full((64,), 1280), torch.full((64,), 960), (0.01, 1.0), (1 / 3, 3.0)
+    )
+    factors = torch.tensor(chosen, dtype=torch.float64)
+    assert ((boxes[:, 2] - boxes[:, 0]) / factors >= 40).all() and (
+        (boxes[:, 3] - boxes[:, 1]) / factors >= 56
+    ).all()
+    assert set(chosen) >= {2, 4, 8}  # and the reduced scales were used
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_resized_crops_of_a_batch_equal_each_file_alone(tmp_path, decoder):
+    paths = []
+    for i, (mode, suffix) in enumerate([("RGB", "jpg"), ("L", "jpg"), ("RGBA", "png"), ("CMYK", "jpg")]):
+        paths.append(str(tmp_path / f"{i}.{suffix}"))
+        Image.fromarray(smooth_image(300 + 40 * i, 500 - 30 * i)).convert(mode).save(paths[-1])
+    u = transforms.draw_resized_crops(torch.Generator().manual_seed(1), len(paths))
+    batch = transforms.resized_crops(paths, u, (48, 40), (0.08, 1.0), (3 / 4, 4 / 3), decoder=decoder)
+    assert batch.shape == (4, 3, 48, 40) and batch.dtype == torch.uint8 and batch.is_contiguous()
+    for k, path in enumerate(paths):
+        alone = transforms.resized_crop(path, u[k], (48, 40), (0.08, 1.0), (3 / 4, 4 / 3), decoder=decoder)
+        assert np.array_equal(batch[k].permute(1, 2, 0).numpy(), alone)
+    if decoder == "simplejpeg":  # the same pixels as Pillow's decoding
+        pil = transforms.resized_crops(paths, u, (48, 40), (0.08, 1.0), (3 / 4, 4 / 3), decoder="pil")
+        assert torch.equal(batch, pil)
 
 
 def test_eval_size_and_check_range():
