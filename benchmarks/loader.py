@@ -5,16 +5,19 @@ ImageFolder + RandomResizedCrop + RandomHorizontalFlip + ToTensor + Normalize pi
 ``torch.utils.data.Dataset`` that opens each file with PIL, decodes it in full, crops and resizes it with PIL
 (``Image.resize(box=...)``, what torchvision's PIL path does), flips, converts to a normalised float tensor, and a
 ``DataLoader`` with the same workers and batch size collating the samples. Ours: ``trickbag.streaming``
-(a whole batch per worker item, JPEG draft decoding at a reduced size when the crop allows it, batches
-normalised in the workers for a CPU device, workers running on into the next epoch), with draft on and off.
+(a whole batch per worker item, each file read once, JPEGs decoded at 1/2, 1/4 or 1/8 scale when the crop allows
+it, boxes resized by torch, uint8 batches normalised in the trainer's process, workers running on into the next
+epoch), with the decoder ``StreamingLoader(decoder="auto")`` picks here, with Pillow's, and without draft.
 
-The images: CIFAR-10 test JPEGs (/work/data/cifar10) upscaled to phone-like 640x480 JPEGs once, in a temp folder
-(or generated noise-free gradients when that folder is missing). Each loader is measured alone (its workers
-stopped before the next one starts, so none decodes while another is timed), over ``--epochs`` consecutive
-epochs after a warm-up one, epoch boundaries included as a trainer sees them. The trainer's wait: a simulated
-model step of ``--step-ms`` per batch (default: twice our batch time); reported are the fraction of wall time
-spent waiting for the next batch and the batches waited on for more than 10 ms. Receiving a ready float batch
-(32x3x224² from shared memory, and freeing the previous one) costs ~2-5 ms on a 2-core machine for any loader.
+The images (``--images-from``): CIFAR-10 test JPEGs (/work/data/cifar10) upscaled to 640x480 JPEGs (smooth, ~22 KB
+files: cheap to entropy-decode), or scikit-learn's two sample photos (china, flower) at 640x480 (~80 KB: a camera
+photo's detail), written once to a temp folder (generated gradients when the CIFAR folder is missing). Each loader
+is measured alone (its workers stopped before the next one starts, so none decodes while another is timed), over
+``--epochs`` consecutive epochs after a warm-up one, epoch boundaries included as a trainer sees them, the
+consumer reading every pixel of each batch (``x.sum()``: a model's first layer does, and for a batch in shared
+memory that maps its pages: ~3 ms for 32x3x224² floats). The trainer's wait: a simulated model step of
+``--step-ms`` per batch (default: twice our batch time); reported are the fraction of wall time spent waiting
+for the next batch (receiving it, and for ours normalising it: ~3 ms) and the batches waited on > 10 ms.
 
     .venv/bin/python benchmarks/loader.py --images 256 --workers 2
 """
@@ -35,17 +38,25 @@ import numpy as np
 import torch
 from PIL import Image
 
+from trickbag.decode import choose_decoder
 from trickbag.streaming import StreamingLoader
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def make_images(folder: Path, count: int, size=(640, 480)) -> list[str]:
-    source = Path("/work/data/cifar10/test/airplane")
-    files = sorted(source.glob("*.jpg"))[:count] if source.is_dir() else []
+def make_images(folder: Path, count: int, size=(640, 480), source: str = "cifar10") -> list[str]:
+    if source == "photos":
+        from sklearn.datasets import load_sample_image
+
+        photos = [Image.fromarray(load_sample_image(name)) for name in ("china.jpg", "flower.jpg")]
+    cifar = Path("/work/data/cifar10/test/airplane")
+    files = sorted(cifar.glob("*.jpg"))[:count] if cifar.is_dir() else []
     paths = []
     for i in range(count):
-        if files:
+        if source == "photos":  # each file a slightly different crop, so no two files are the same
+            photo = photos[i % 2]
+            image = photo.crop((i % 17, i % 13, photo.width - i % 11, photo.height - i % 7)).resize(size)
+        elif files:
             image = Image.open(files[i % len(files)]).convert("RGB").resize(size, Image.BICUBIC)
         else:
             y, x = np.mgrid[0 : size[1], 0 : size[0]]
@@ -105,6 +116,7 @@ def free_rate(make, count: int) -> float:
     images, started = 0, time.perf_counter()
     for x, _ in epochs(loader, count):
         images += len(x)
+        x.sum()  # a model reads every pixel of its batch (and maps a batch in shared memory page by page)
     rate = images / (time.perf_counter() - started)
     shut_down(loader)
     return rate
@@ -118,9 +130,10 @@ def waiting(make, count: int, step_s: float, late_s: float = 0.010) -> tuple[flo
         pass
     waited, late, total = 0.0, 0, 0
     started = before = time.perf_counter()
-    for _ in epochs(loader, count):
+    for x, _ in epochs(loader, count):
         wait = time.perf_counter() - before
         waited, late, total = waited + wait, late + (wait > late_s), total + 1
+        x.sum()
         time.sleep(step_s)  # the model's step: the workers keep decoding meanwhile
         before = time.perf_counter()
     fraction = waited / (time.perf_counter() - started)
@@ -135,6 +148,22 @@ def shut_down(loader) -> None:
     time.sleep(0.5)
 
 
+def cpu_name() -> str:
+    """The CPU's model name and its vector flags, as every figure is recorded with (STYLE.md)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    model = next(
+        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), ""
+    )
+    flags = set(
+        next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    )
+    vector = [flag for flag in ("avx2", "avx512f", "avx512_bf16") if flag in flags]
+    return f"{model or platform.machine()} ({' '.join(vector) or 'no AVX2'})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
@@ -142,17 +171,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--epochs", type=int, default=3, help="epochs timed per loader, after a warm-up one")
+    parser.add_argument("--images-from", choices=("cifar10", "photos"), default="cifar10")
     parser.add_argument("--step-ms", type=float, default=None, help="simulated model step (default: 2x ours)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
-        paths = make_images(Path(folder), args.images)
+        paths = make_images(Path(folder), args.images, source=args.images_from)
         labels = torch.zeros(len(paths), dtype=torch.int64)
 
-        def ours(draft: bool):
+        def ours(decoder: str, draft: bool = True):
             return lambda: StreamingLoader(
                 paths, labels, image_size=args.size, batch_size=args.batch_size, shuffle=True, mean=MEAN,
                 std=STD, random_resized_crop=True, flip=True, num_workers=args.workers, draft=draft,
+                decoder=decoder,
             )  # fmt: skip
 
         def reference():
@@ -163,18 +194,23 @@ def main() -> None:
             )  # fmt: skip
 
         # One loader at a time, each with fresh workers that are stopped before the next one starts.
-        makers = {"reference (per-image PIL)": reference,
-                  "trickbag streaming, draft": ours(True), "trickbag streaming, no draft": ours(False)}  # fmt: skip
+        best = choose_decoder("auto")  # what StreamingLoader(decoder="auto") uses here
+        makers = {"reference (per-image PIL)": reference, f"trickbag streaming, {best}": ours(best)}
+        if best != "pil":
+            makers["trickbag streaming, pil"] = ours("pil")
+        makers[f"trickbag streaming, {best}, no draft"] = ours(best, draft=False)
         free = {name: free_rate(make, args.epochs) for name, make in makers.items()}
-        step = args.step_ms / 1e3 if args.step_ms else args.batch_size / free["trickbag streaming, draft"] * 2
-        print(f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {args.images} 640x480 "
-              f"JPEGs -> RRC {args.size}² + flip, batch {args.batch_size}, {args.workers} workers, "
+        step = (
+            args.step_ms / 1e3 if args.step_ms else args.batch_size / free[f"trickbag streaming, {best}"] * 2
+        )
+        print(f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.images} 640x480 "
+              f"JPEGs ({args.images_from}) -> RRC {args.size}² + flip, batch {args.batch_size}, {args.workers} workers, "
               f"{args.epochs} epochs timed per loader")  # fmt: skip
         print(f"simulated model step {step * 1e3:.0f} ms per batch")
         for name, make in makers.items():
             fraction, late, total = waiting(make, args.epochs, step)
             ratio = free[name] / free["reference (per-image PIL)"]
-            print(f"{name:30s} {free[name]:7.1f} images/s ({ratio:4.2f}x), waiting {100 * fraction:5.1f}% of "
+            print(f"{name:38s} {free[name]:7.1f} images/s ({ratio:4.2f}x), waiting {100 * fraction:5.1f}% of "
                   f"the time, {late}/{total} batches waited > 10 ms")  # fmt: skip
 
 

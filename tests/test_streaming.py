@@ -15,12 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
-from trickbag import streaming
+from trickbag import decode, streaming
 from trickbag.data import BatchLoader
 from trickbag.images import list_image_folder, load_image_folder
 from trickbag.streaming import StreamingLoader
 
 MEAN, STD = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+needs_simplejpeg = pytest.mark.skipif(
+    decode.choose_decoder("auto") != "simplejpeg", reason="simplejpeg not installed"
+)
 # (H, W), PIL mode, format: phone-, web- and scanner-like files in one folder.
 KINDS = [
     ((40, 30), "RGB", "JPEG"),
@@ -108,22 +111,35 @@ def test_random_resized_crops_do_not_depend_on_workers(folder):
     assert not torch.equal(other_seed[0][0], serial[0][0])
 
 
-def test_each_image_is_its_random_resized_crop(folder):
+@pytest.mark.parametrize("decoder", ["pil", pytest.param("simplejpeg", marks=needs_simplejpeg)])
+def test_each_image_is_its_random_resized_crop(folder, decoder):
     """Un-normalised, batch item k is transforms.resized_crop of file order[k] with plan row k (flipped or not)."""
     from trickbag import transforms
 
     paths, labels, _ = list_image_folder(folder)
     loader = StreamingLoader(paths, torch.tensor(labels), image_size=10, batch_size=21, shuffle=True, seed=5,
-                             mean=[0.0] * 3, std=[1 / 255] * 3, random_resized_crop=True, flip=True)  # fmt: skip
+                             mean=[0.0] * 3, std=[1 / 255] * 3, random_resized_crop=True, flip=True,
+                             decoder=decoder)  # fmt: skip
+    assert loader.decoder == decoder
     ((x, y),) = batches(loader, 1)
     plan = loader.epoch_plan(0)
     for k in range(len(x)):
         i = int(plan.order[k])
-        expected = transforms.resized_crop(paths[i], plan.crops[k], (10, 10), (0.08, 1.0), (3 / 4, 4 / 3))
+        expected = transforms.resized_crop(
+            paths[i], plan.crops[k], (10, 10), (0.08, 1.0), (3 / 4, 4 / 3), decoder=decoder
+        )
         if plan.flips[k]:
             expected = expected[:, ::-1]
         assert torch.equal(x[k].round().to(torch.uint8), torch.from_numpy(expected.copy()).permute(2, 0, 1))
         assert y[k] == labels[i]
+
+
+def test_decoder_is_resolved_once_and_checked(folder):
+    paths, labels, _ = list_image_folder(folder)
+    options = {"image_size": 8, "batch_size": 4, "shuffle": False, "mean": MEAN, "std": STD}
+    assert StreamingLoader(paths, None, **options).decoder == decode.choose_decoder("auto")
+    with pytest.raises(ValueError, match="decoder"):
+        StreamingLoader(paths, None, decoder="libjpeg", **options)
 
 
 @pytest.mark.parametrize("drop_last", [True, False])
