@@ -291,3 +291,33 @@ def test_checkpoint_that_does_not_fit_its_model_is_a_clear_error(tmp_path, capsy
     assert run_cli("eval", str(run_dir)) == 2
     err = capsys.readouterr().err
     assert "do not fit model 'digits_cnn'" in err and "size mismatch" in err
+
+
+def test_progressive_resizing_trains_and_times_the_test_pass(tmp_path, capsys):
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    for split in ("train", "test"):
+        for label, colour in (("red", (200, 20, 20)), ("blue", (20, 20, 200))):
+            (root / split / label).mkdir(parents=True)
+            for i in range(8):
+                Image.new("RGB", (16, 16), (colour[0], 10 * i, colour[2])).save(
+                    root / split / label / f"{i}.png"
+                )
+    argv = ["train", DIGITS, *TINY, "data.kind=image_folder", f"data.root={root}", "data.val_fraction=0",
+            "model.name=cifar_fast", "model.options={widths: [8, 16], stem_width: 8}", "batch_size=4",
+            f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0", f"output_dir={tmp_path / 'runs'}"]  # fmt: skip
+    assert run_cli(*argv, "data.train_sizes=[8, 16]", "--quiet") == 0
+    results = json.loads((only_run(tmp_path / "runs") / "results.json").read_text())
+    assert results["epochs"] == 2 and results["checkpoints"]["last"]["test_s"] > 0
+    # Sizes above the images' own size are named with the key to change.
+    assert run_cli(*argv, "data.train_sizes=[8, 32]", "--quiet") == 2
+    assert "data.train_sizes" in capsys.readouterr().err
+
+
+def test_progressive_resizing_is_rejected_for_streamed_crops():
+    from trickbag.config import load_config
+
+    with pytest.raises(ValueError, match="data.train_sizes"):
+        load_config(None, ["data.kind=image_folder", "data.root=x", "data.image_size=32",
+                           "data.random_resized_crop=true", "data.train_sizes=[16, 32]"])  # fmt: skip

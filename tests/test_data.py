@@ -279,3 +279,45 @@ def test_batchloader_validators():
 def test_imageset_rejects_wrong_tensor_types(images, labels, message):
     with pytest.raises(TypeError, match=message):
         ImageSet(images, labels, ["a", "b"])
+
+
+# ---------------------------------------------------------------------------------------- progressive resizing
+
+
+def test_downsample_is_area_averaging_by_hand():
+    from trickbag.data import downsample
+
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    # 4 -> 2: each output pixel is the mean of a 2x2 block.
+    assert torch.equal(downsample(x, 2), torch.tensor([[[[2.5, 4.5], [10.5, 12.5]]]]))
+    # 3 -> 2 (no whole factor): area bins [0, 2) and [1, 3) on each axis.
+    y = torch.tensor([[0.0, 3.0, 6.0], [9.0, 12.0, 15.0], [18.0, 21.0, 24.0]]).view(1, 1, 3, 3)
+    assert torch.equal(downsample(y, 2), torch.tensor([[[[6.0, 9.0], [15.0, 18.0]]]]))
+    assert downsample(x, 4) is x and downsample(x, None) is x
+    assert downsample(torch.zeros(2, 3, 8, 4), 4).shape == (2, 3, 4, 2)  # keeps the aspect ratio
+
+
+def test_batchloader_sizes_downsample_the_same_batches_per_epoch():
+    images, labels = make_images(10, h=8, w=8), torch.arange(10)
+    common = dict(
+        batch_size=4, shuffle=True, seed=3, crop_padding=1, flip=True, mean=[0.5] * 3, std=[0.2] * 3
+    )
+    plain = BatchLoader(images, labels, **common)
+    progressive = BatchLoader(images, labels, sizes=[4, 6, 8], **common)
+    for epoch, side in enumerate([4, 6, 8, 8]):  # the last size repeats
+        assert progressive.size_at(epoch) == side
+        for (x, y), (full, full_y) in zip(progressive, plain, strict=True):
+            assert torch.equal(y, full_y) and x.shape[2:] == (side, side)
+            expected = F.adaptive_avg_pool2d(full, side)  # an independent area average of the same batch
+            torch.testing.assert_close(x, expected, rtol=1e-6, atol=1e-6)
+    assert progressive.epoch == 4
+    assert BatchLoader(images, labels, **common).size_at(0) is None
+
+
+@pytest.mark.parametrize(
+    "sizes, message",
+    [([], "non-empty"), ([0], "non-empty"), ([True], "non-empty"), ([4.5], "non-empty"), ([4, 9], "above")],
+)
+def test_batchloader_rejects_bad_sizes(sizes, message):
+    with pytest.raises(ValueError, match=message):
+        BatchLoader(make_images(4, h=8, w=8), torch.arange(4), batch_size=2, shuffle=True, sizes=sizes)

@@ -53,6 +53,9 @@ class DataConfig(_Section):
     skip_bad_images: bool = False
     crop_padding: int = Field(0, ge=0)  # random crop after reflect padding of this many pixels
     flip: bool = False  # random horizontal flip
+    # Progressive resizing of in-memory training images: the side per epoch, the last repeating (e.g. [16, 16, 32]:
+    # two epochs at 16x16, then full size). Early low-resolution epochs cost ~(side / size)^2; see data.BatchLoader.
+    train_sizes: list[int] | None = None
     # auto: channels_last when a short probe of the model measures it faster (trickbag.hardware); resolved in place
     channels_last: bool | Literal["auto"] = "auto"
     num_workers: int | None = Field(None, ge=0)  # decoding processes; None: one per core, 0: in-process
@@ -82,6 +85,11 @@ class DataConfig(_Section):
             raise ValueError("data.random_resized_crop needs data.image_size (the side of the crops)")
         if self.random_resized_crop and self.crop_padding:
             raise ValueError("data.random_resized_crop and data.crop_padding are two crops: use one of them")
+        if self.train_sizes is not None and (self.random_resized_crop or self.in_memory is False):
+            raise ValueError(
+                "data.train_sizes resizes in-memory batches: it cannot be combined with data.random_resized_crop "
+                "or data.in_memory=false (set the crop size with data.image_size instead)"
+            )
         if self.random_resized_crop and self.in_memory is True:
             raise ValueError(
                 "data.random_resized_crop crops the original files: use data.in_memory=auto or false"

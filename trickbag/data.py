@@ -177,6 +177,35 @@ def random_flip(images: torch.Tensor, flip_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, images.flip(3), images)
 
 
+def check_sizes(sizes, image_size: tuple[int, int]) -> tuple[int, ...] | None:
+    """``sizes`` (progressive resizing, one side per epoch) validated against the images' (H, W)."""
+    if sizes is None:
+        return None
+    sizes = tuple(sizes)
+    if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+        raise ValueError(
+            f"sizes must be a non-empty list of image sides >= 1 (one per epoch), got {list(sizes)}"
+        )
+    if max(sizes) > min(image_size):
+        raise ValueError(
+            f"sizes {list(sizes)} go above the images' size {tuple(image_size)}: progressive resizing only "
+            "downsamples (train the last epochs at the full size)"
+        )
+    return sizes
+
+
+def downsample(images: torch.Tensor, side: int | None) -> torch.Tensor:
+    """(N, C, H, W) float -> (N, C, side, side * W / H) by area averaging; unchanged at its own size or None."""
+    if side is None or side == images.shape[2]:
+        return images
+    width = round(side * images.shape[3] / images.shape[2])
+    if images.shape[2] % side == 0 and images.shape[3] % width == 0:  # whole factor: a plain average pool
+        factor = images.shape[2] // side
+        if images.shape[3] // width == factor:
+            return F.avg_pool2d(images, factor)
+    return F.interpolate(images, size=(side, width), mode="area")
+
+
 def _check_shard(rank: int, world_size: int) -> None:
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
@@ -234,6 +263,10 @@ class BatchLoader:
         padding_mode: "reflect" or "zeros" (zeros after normalising = the mean colour).
         sampler: optional object whose ``indices(epoch)`` (M,) int64 replaces the shuffled order and whose
             ``len()`` is M (e.g. ``trickbag.longtail.ClassBalancedSampler``).
+        sizes: progressive resizing (fast.ai, Howard 2018; FixRes, Touvron et al. 2019): the side of the
+            training images per epoch, ``sizes[min(epoch, len(sizes) - 1)]`` (the last repeats); each batch is
+            area-downsampled after the crop and flip. Convolutions cost in proportion to the pixels, so early
+            epochs at half the side cost ~1/4. None: the images' own size.
         rank, world_size: this process's shard of each epoch (see ``shard_positions``): the epoch's plan
             (order, crops, flips) is drawn exactly as with one process, then each rank takes its positions, so
             every sample is used once per epoch across ranks and ``world_size`` x ``batch_size`` with the same
@@ -257,6 +290,7 @@ class BatchLoader:
         channels_last: bool = False,
         padding_mode: str = "reflect",
         sampler=None,
+        sizes: list[int] | tuple[int, ...] | None = None,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -276,6 +310,7 @@ class BatchLoader:
         if padding_mode not in ("reflect", "zeros"):
             raise ValueError(f"padding_mode must be 'reflect' or 'zeros', got {padding_mode!r}")
         _check_shard(rank, world_size)
+        sizes = check_sizes(sizes, tuple(images.shape[2:]))
         if padding_mode == "reflect" and crop_padding >= min(images.shape[2], images.shape[3]):
             raise ValueError(
                 f"crop_padding={crop_padding} must be smaller than the image size {tuple(images.shape[2:])} "
@@ -310,6 +345,7 @@ class BatchLoader:
         self.channels_last = bool(channels_last)
         self.padding_mode = padding_mode
         self.sampler = sampler
+        self.sizes = sizes
         self.rank, self.world_size = rank, world_size
         # Folding the scale into one multiply-add: x * scale + shift == (x / 255 - mean) / std.
         std_t = torch.tensor(std, dtype=torch.float32)
@@ -357,6 +393,10 @@ class BatchLoader:
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
         self.epoch = epoch
+
+    def size_at(self, epoch: int) -> int | None:
+        """The side of epoch ``epoch``'s training images (``sizes``), None for the images' own size."""
+        return None if self.sizes is None else self.sizes[min(epoch, len(self.sizes) - 1)]
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch}
@@ -414,6 +454,8 @@ class BatchLoader:
                 )
                 if flips is not None:
                     x = random_flip(x, flips[start : start + self.batch_size])
+            if self.sizes is not None:
+                x = downsample(x, self.size_at(epoch))
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = None if self.labels is None else self.labels[index]
