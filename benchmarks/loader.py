@@ -1,6 +1,6 @@
 """Streaming loader vs the usual per-image pipeline, same run: random-resized-crop 224² + flip from JPEG files.
 
-torchvision is not installed here (its wheel is a multi-GB CUDA build), so the reference is torchvision's
+torchvision is not in the project's venv (its wheel is a multi-GB CUDA build), so the reference is torchvision's
 ImageFolder + RandomResizedCrop + RandomHorizontalFlip + ToTensor + Normalize pipeline written the usual way: a
 ``torch.utils.data.Dataset`` that opens each file with PIL, decodes it in full, crops and resizes it with PIL
 (``Image.resize(box=...)``, what torchvision's PIL path does), flips, converts to a normalised float tensor, and a
@@ -19,17 +19,25 @@ memory that maps its pages: ~3 ms for 32x3x224² floats). The trainer's wait: a 
 ``--step-ms`` per batch (default: twice our batch time); reported are the fraction of wall time spent waiting
 for the next batch (receiving it, and for ours normalising it: ~3 ms) and the batches waited on > 10 ms.
 
-    .venv/bin/python benchmarks/loader.py --images 256 --workers 2
+    .venv/bin/python benchmarks/loader.py --images 256 --workers 2 [--torchvision-python /path/to/venv/bin/python]
+
+``--torchvision-python``: a Python whose environment has torch + torchvision (not this project's venv; trickbag
+never depends on it) runs torchvision's real ImageFolder + RandomResizedCrop + RandomHorizontalFlip + ToTensor +
+Normalize DataLoader on the same files, workers and batch size, in a subprocess of the same run, timed the same
+way; its row's ratio is to the hand-written reference, and the last line is ours / torchvision.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import platform
 import random
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,8 +46,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trickbag.decode import choose_decoder
-from trickbag.streaming import StreamingLoader
+# trickbag is imported in main(): with --torchvision-python this file also runs in that other venv, without it.
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -61,7 +68,8 @@ def make_images(folder: Path, count: int, size=(640, 480), source: str = "cifar1
         else:
             y, x = np.mgrid[0 : size[1], 0 : size[0]]
             image = Image.fromarray(np.stack([x % 256, y % 256, (x + y + i) % 256], 2).astype(np.uint8))
-        path = folder / f"{i:05d}.jpg"
+        path = folder / "images" / f"{i:05d}.jpg"  # a class folder, as ImageFolder wants
+        path.parent.mkdir(exist_ok=True)
         image.save(path, quality=90)
         paths.append(str(path))
     return paths
@@ -164,6 +172,42 @@ def cpu_name() -> str:
     return f"{model or platform.machine()} ({' '.join(vector) or 'no AVX2'})"
 
 
+def torchvision_loader(folder: str, size: int, batch_size: int, workers: int):
+    """The real thing: torchvision's ImageFolder + RandomResizedCrop + flip + ToTensor + Normalize."""
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    pipeline = T.Compose(
+        [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)]
+    )
+    return torch.utils.data.DataLoader(
+        datasets.ImageFolder(folder, pipeline), batch_size=batch_size, shuffle=True, num_workers=workers,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+    )  # fmt: skip
+
+
+def measure_torchvision(args) -> None:
+    """In the torchvision venv: one JSON line with the free rate and the wait, measured as for the others."""
+    make = lambda: torchvision_loader(args.measure_torchvision, args.size, args.batch_size, args.workers)  # noqa: E731
+    rate = free_rate(make, args.epochs)
+    fraction, late, total = waiting(make, args.epochs, args.step_ms / 1e3)
+    versions = f"torch {torch.__version__}, torchvision {__import__('torchvision').__version__}"
+    print(
+        json.dumps({"rate": rate, "fraction": fraction, "late": late, "total": total, "versions": versions})
+    )
+
+
+def run_torchvision(python: str, folder: str, args, step: float) -> dict:
+    """measure_torchvision in ``python``'s interpreter (a venv with torchvision; never a trickbag dependency)."""
+    command = [python, __file__, "--measure-torchvision", folder, "--size", str(args.size), "--batch-size",
+               str(args.batch_size), "--workers", str(args.workers), "--epochs", str(args.epochs),
+               "--step-ms", str(step * 1e3)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"--torchvision-python {python} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
@@ -173,8 +217,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs timed per loader, after a warm-up one")
     parser.add_argument("--images-from", choices=("cifar10", "photos"), default="cifar10")
     parser.add_argument("--step-ms", type=float, default=None, help="simulated model step (default: 2x ours)")
+    parser.add_argument("--torchvision-python", help="a Python with torchvision: times its real pipeline too")
+    parser.add_argument("--measure-torchvision", metavar="FOLDER", help=argparse.SUPPRESS)  # the child's mode
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.measure_torchvision:
+        return measure_torchvision(args)
+    from trickbag.decode import choose_decoder
+    from trickbag.streaming import StreamingLoader
+
     with tempfile.TemporaryDirectory() as folder:
         paths = make_images(Path(folder), args.images, source=args.images_from)
         labels = torch.zeros(len(paths), dtype=torch.int64)
@@ -207,11 +258,25 @@ def main() -> None:
               f"JPEGs ({args.images_from}) -> RRC {args.size}² + flip, batch {args.batch_size}, {args.workers} workers, "
               f"{args.epochs} epochs timed per loader")  # fmt: skip
         print(f"simulated model step {step * 1e3:.0f} ms per batch")
+        rows = {}
         for name, make in makers.items():
-            fraction, late, total = waiting(make, args.epochs, step)
-            ratio = free[name] / free["reference (per-image PIL)"]
-            print(f"{name:38s} {free[name]:7.1f} images/s ({ratio:4.2f}x), waiting {100 * fraction:5.1f}% of "
+            rows[name] = (free[name], *waiting(make, args.epochs, step))
+        if args.torchvision_python:
+            real = run_torchvision(args.torchvision_python, folder, args, step)
+            print(f"torchvision: {real['versions']} ({args.torchvision_python})")
+            rows["torchvision ImageFolder (real)"] = (
+                real["rate"],
+                real["fraction"],
+                real["late"],
+                real["total"],
+            )
+        for name, (rate, fraction, late, total) in rows.items():
+            ratio = rate / free["reference (per-image PIL)"]
+            print(f"{name:38s} {rate:7.1f} images/s ({ratio:4.2f}x), waiting {100 * fraction:5.1f}% of "
                   f"the time, {late}/{total} batches waited > 10 ms")  # fmt: skip
+        if args.torchvision_python:
+            ours_rate = free[f"trickbag streaming, {best}"]
+            print(f"trickbag streaming, {best} / torchvision: {ours_rate / real['rate']:.2f}x")
 
 
 if __name__ == "__main__":
