@@ -239,6 +239,9 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
             data.check_sizes(cfg.data.train_sizes, tuple(train_set.images.shape[2:]))
         except ValueError as error:
             raise ValueError(f"data.train_sizes: {error}") from None
+        logger.info(
+            f"progressive resizing: training images at {cfg.data.train_sizes} per epoch (the last repeats)"
+        )
     if streamed and cfg.data.train_sizes is not None:
         raise ValueError(
             "data.train_sizes needs the in-memory loader, but this training set is streamed (larger than "
@@ -254,6 +257,12 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
             cfg.data, train_set, train=True, batch_size=cfg.batch_size, seed=cfg.seed,
             drop_last=len(train_set) >= cfg.batch_size or world > 1, **common,
         )  # fmt: skip
+        workers = (os.cpu_count() or 1) if cfg.data.num_workers is None else cfg.data.num_workers
+        logger.info(
+            f"streaming {len(train_set)} training images, decoded per batch by {workers} worker process(es); "
+            f"JPEG decoder: {train_loader.decoder}"
+            + (" (pip install 'trickbag[fastjpeg]' decodes faster)" if train_loader.decoder == "pil" else "")
+        )
     else:
         train_loader = data.BatchLoader(
             train_set.images,
