@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from PIL import Image
 from trickbag import decode, streaming
 from trickbag.data import BatchLoader
 from trickbag.images import list_image_folder, load_image_folder
+from trickbag.prefetch import ThreadAhead
 from trickbag.streaming import StreamingLoader
 
 MEAN, STD = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
@@ -313,3 +316,121 @@ def test_next_epoch_prefetch_gives_the_same_batches_and_runs_ahead(folder, monke
     requested.clear()
     batches(continued, 3)
     assert requested[:18] == [(e, k) for e in range(3) for k in range(6)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The thread that receives and finishes batches ahead of the trainer (lookahead)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def ahead_threads():
+    return [t for t in threading.enumerate() if t.name == "trickbag-ahead" and t.is_alive()]
+
+
+def wait_for_no_ahead_thread(timeout=10.0):
+    deadline = time.time() + timeout
+    while ahead_threads() and time.time() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    return ahead_threads()
+
+
+RRC = {"image_size": 8, "batch_size": 4, "shuffle": True, "seed": 9, "mean": MEAN, "std": STD,
+       "random_resized_crop": True, "flip": True}  # fmt: skip
+
+
+def test_thread_ahead_gives_the_batches_of_the_trainers_own_calls(folder):
+    """lookahead=2 (a thread finishing batches ahead) vs lookahead=0 (finished on the trainer's next()): the same
+    batches through broken-off passes, epoch jumps and a resume; the pad-crop pipeline finished in the thread too."""
+    paths, labels, _ = list_image_folder(folder)
+    ahead = StreamingLoader(paths, torch.tensor(labels), num_workers=2, lookahead=2, **RRC)
+    inline = StreamingLoader(paths, torch.tensor(labels), num_workers=2, lookahead=0, **RRC)
+    iterator = iter(ahead)
+    next(iterator)
+    assert isinstance(ahead._ahead, ThreadAhead) and ahead_threads()
+    iterator.close()  # broken off: its thread is stopped, not left holding batches
+    assert ahead._ahead is None and not wait_for_no_ahead_thread()
+    assert_same(passes(ahead), passes(inline))
+    pad = {**RRC, "random_resized_crop": False, "crop_padding": 2}
+    finished_here = [
+        StreamingLoader(paths, torch.tensor(labels), num_workers=2, lookahead=k, **pad) for k in (2, 0)
+    ]
+    for loader in finished_here:
+        loader._settings["finish_in_worker"] = False  # what a CUDA device does, forced on the CPU
+    assert_same(batches(finished_here[0]), batches(finished_here[1]))
+
+
+def test_thread_ahead_resume_counts_the_batches_the_trainer_received(folder):
+    paths, labels, _ = list_image_folder(folder)
+    everything = batches(StreamingLoader(paths, torch.tensor(labels), num_workers=0, **RRC), 1)
+    loader = StreamingLoader(paths, torch.tensor(labels), num_workers=2, lookahead=3, **RRC)
+    iterator = iter(loader)
+    for _ in range(2):
+        next(iterator)
+    time.sleep(0.5)  # the thread has finished more batches by now
+    assert loader.state_dict() == {"seed": 9, "epoch": 0, "batch": 2}
+    iterator.close()
+    resumed = StreamingLoader(paths, torch.tensor(labels), num_workers=2, lookahead=3, **RRC)
+    resumed.load_state_dict(loader.state_dict())
+    assert_same([(x, y) for x, y in resumed], everything[2:])
+
+
+def test_thread_ahead_reraises_a_worker_error_and_stops(folder, tmp_path):
+    paths, _, _ = list_image_folder(folder)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    loader = StreamingLoader([paths[0], paths[1], str(broken), paths[2]], None, image_size=8, batch_size=2,
+                             shuffle=False, mean=MEAN, std=STD, num_workers=2, lookahead=2)  # fmt: skip
+    received = []
+    with pytest.raises(ValueError, match="broken.jpg"):
+        for x, _ in loader:
+            received.append(x)
+    assert len(received) == 1  # the batch before the bad one was delivered first
+    assert loader._ahead is None and not wait_for_no_ahead_thread()
+
+
+def test_no_thread_or_worker_outlives_the_loader(folder):
+    paths, labels, _ = list_image_folder(folder)
+    loader = StreamingLoader(paths, torch.tensor(labels), num_workers=2, lookahead=2, **RRC)
+    batches(loader, 1)  # a whole pass: the thread runs on into epoch 1, as the workers do
+    assert ahead_threads()
+    del loader  # collected: its thread is told to stop
+    assert not wait_for_no_ahead_thread()
+    loader = StreamingLoader(paths, torch.tensor(labels), num_workers=2, lookahead=2, **RRC)
+    iterator = iter(loader)
+    next(iterator)  # a pass left open, never closed
+    workers = loader._loader._iterator._workers
+    del loader, iterator
+    assert not wait_for_no_ahead_thread()
+    deadline = time.time() + 10
+    while any(w.is_alive() for w in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(w.is_alive() for w in workers)
+
+
+INTERRUPT_SCRIPT = """
+import sys, threading, torch
+from trickbag.images import list_image_folder
+from trickbag.streaming import StreamingLoader
+paths, labels, _ = list_image_folder(sys.argv[1])
+loader = StreamingLoader(paths, torch.tensor(labels), image_size=8, batch_size=2, shuffle=True, mean=[0.5] * 3,
+                         std=[0.25] * 3, random_resized_crop=True, num_workers=2, lookahead=2)
+try:
+    for k, (x, y) in enumerate(loader):
+        if k == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the trainer's step
+except KeyboardInterrupt:
+    print("interrupted", [t.name for t in threading.enumerate() if t.name == "trickbag-ahead"])
+"""
+
+
+def test_keyboard_interrupt_mid_epoch_leaves_nothing_running(folder, tmp_path):
+    script = tmp_path / "interrupt.py"
+    script.write_text(INTERRUPT_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), str(folder)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert (
+        done.stdout.strip() == "interrupted []"
+    )  # the thread stopped with the pass; the process then exited

@@ -3,7 +3,9 @@
 Built on ``torch.utils.data.DataLoader`` (worker processes, pinned memory, prefetching): each item is a whole
 batch, decoded and augmented by one worker, so there is no per-sample collate; the batch crosses to the main
 process as uint8 (a quarter of the shared memory of floats to fill and map) and is normalised there, on the
-device (on a CPU: ~3 ms for 32x3x224², about what receiving it as floats cost). The workers persist across
+device (on a CPU: ~3 ms for 32x3x224², about what receiving it as floats cost), by a thread that runs
+``lookahead`` batches ahead of the trainer (``trickbag.prefetch.ThreadAhead``), so neither the receiving nor the
+normalising is on the trainer's step (5-7 ms a batch on a CPU otherwise). The workers persist across
 epochs and run on into the next epoch's first batches while the trainer consumes the last ones of this one, so
 the queue does not drain at epoch boundaries. The plan of an epoch (order, crop boxes, pad-crop offsets, flips)
 is drawn up front from ``trickbag.data.epoch_generator(seed, epoch)`` exactly as ``trickbag.data.BatchLoader``
@@ -34,6 +36,7 @@ import torch
 
 from trickbag import decode, transforms
 from trickbag.data import channel_stats, epoch_generator, random_crop, random_flip
+from trickbag.prefetch import ThreadAhead
 
 __all__ = [
     "StreamingLoader",
@@ -170,7 +173,7 @@ def _empty_batch(shape: torch.Size, form: torch.memory_format, device: torch.dev
     """Uninitialised float32 of ``shape`` on ``device``.
 
     In a DataLoader worker: in shared memory (as its collate allocates), where it is sent to the main process as
-    is. In the main process on the CPU: numpy's memory (plain ``malloc``), which glibc hands to the next batch of
+    is. In the main process (its lookahead thread) on the CPU: numpy's memory (plain ``malloc``), which glibc hands to the next batch of
     the same size once this one is freed; ``torch.empty``'s 64-byte-aligned ``posix_memalign`` cannot reuse that
     block, so each batch touched fresh pages: 7-8 ms per 32x3x224² float batch on a 2-core EPYC VM, vs 0.6.
     """
@@ -278,6 +281,9 @@ class StreamingLoader:
             False: fit each file as evaluation does (``aspect``, ``crop_fraction``), then pad-crop/flip.
         num_workers: decoding processes (0: in this process); prefetch_factor: batches each worker prepares
             ahead; pin_memory: None pins when ``device`` is CUDA.
+        lookahead: batches a thread of this process receives from the workers and finishes (normalised, on
+            ``device``) ahead of the trainer, so that the trainer's step does not wait for that work (~5-7 ms
+            per 32x3x224² batch on one CPU core); 0, or ``num_workers=0``: done on the trainer's ``next()``.
         prefetch_next_epoch: let the workers run on into epoch + 1 (batch 0 on) while this epoch is consumed,
             so the trainer does not wait at each epoch start; a pass at another epoch or mid-epoch position
             (``set_epoch``, ``load_state_dict``, a loop broken off) restarts the workers' queue there instead.
@@ -315,6 +321,7 @@ class StreamingLoader:
         draft: bool = True,
         decoder: str = "auto",
         prefetch_next_epoch: bool = True,
+        lookahead: int = 2,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -325,7 +332,8 @@ class StreamingLoader:
             )
         for name, value, low in (("image_size", image_size, 1), ("batch_size", batch_size, 1),
                                  ("crop_padding", crop_padding, 0), ("num_workers", num_workers, 0),
-                                 ("prefetch_factor", prefetch_factor, 1), ("world_size", world_size, 1)):  # fmt: skip
+                                 ("prefetch_factor", prefetch_factor, 1), ("world_size", world_size, 1),
+                                 ("lookahead", lookahead, 0)):  # fmt: skip
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
@@ -364,7 +372,7 @@ class StreamingLoader:
             "crop_fraction": float(crop_fraction), "draft": bool(draft), "decoder": self.decoder, "mean": mean,
             "std": std, "padding_mode": padding_mode, "channels_last": self.channels_last,
             # Workers finish only the pad-crop pipeline's batches, on a CPU (see _finish).
-            "finish_in_worker": self.device.type == "cpu" and crop_padding > 0,
+            "finish_in_worker": self.device.type == "cpu" and crop_padding > 0, "labelled": labels is not None,
         }  # fmt: skip
         self._scale, self._shift = _normalizer(mean, std, self.device)
         self._resume_at = (
@@ -373,9 +381,11 @@ class StreamingLoader:
         self._consumed = 0
         self._dataset = _BatchFiles(paths, labels, self._settings)
         self._sampler = _Batches(len(self), bool(prefetch_next_epoch))
-        # The DataLoader iterator left running by the last pass, and the (epoch, batch) its next item is.
-        self._stream: Iterator | None = None
-        self._stream_at: tuple[int, int] | None = None
+        # The finished batches left running by the last pass (a ThreadAhead, or with no workers the generator),
+        # and the (epoch, batch) its next item is.
+        self.lookahead = lookahead
+        self._ahead: Iterator | None = None
+        self._ahead_at: tuple[int, int] | None = None
         pin = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
         workers = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers else {}
         self._loader = torch.utils.data.DataLoader(
@@ -423,30 +433,66 @@ class StreamingLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         epoch, start = self.epoch, self._resume_at
         self._resume_at, self._consumed = 0, start
-        # Pad-cropped batches come finished from the workers for a CPU device; the others are finished here.
-        plan = None if self._settings["finish_in_worker"] else self.epoch_plan(epoch)
-        if self._stream is None or self._stream_at != (epoch, start):
-            # Not where the workers' queue is (first pass, resume, another epoch, a broken-off loop): restart it
-            # here; DataLoader drops the batches still in flight.
+        if self._ahead is None or self._ahead_at != (epoch, start):
+            # Not where the batches in flight are (first pass, resume, another epoch, a broken-off loop): restart
+            # the workers' queue here; DataLoader drops the batches still in flight.
+            self._close_ahead()
             self._sampler.epoch, self._sampler.start = epoch, start
-            self._stream = iter(self._loader)
-        non_blocking = self.device.type == "cuda"
-        for index in range(start, len(self)):
-            self._stream_at = None  # while next() runs: an error there leaves the queue's position unknown
-            images, labels = next(self._stream)
-            last = index + 1 == len(self)
-            self._stream_at = (epoch + 1, 0) if last and self._sampler.endless else (epoch, index + 1)
-            x = images.to(self.device, non_blocking=non_blocking)
-            if plan is not None:
-                x = _finish(
-                    x, plan, plan.batch(index, self.batch_size), self._settings, self._scale, self._shift
-                )
-            y = None if self.labels is None else labels.to(self.device, non_blocking=non_blocking)
-            self._consumed = index + 1
-            yield x, y
+            ready = _ready_batches(iter(self._loader), self._settings, epoch, start, len(self), self._sampler.endless,
+                                   self.device, self._scale, self._shift)  # fmt: skip
+            # With workers, a thread of this process receives and finishes the batches ahead of the trainer (see
+            # _ready_batches); without, decoding is in this process anyway and stays on the trainer's call.
+            self._ahead = (
+                ThreadAhead(ready, self.lookahead) if self._loader.num_workers and self.lookahead else ready
+            )
+        finished = False
+        try:
+            for index in range(start, len(self)):
+                self._ahead_at = None  # while next() runs: an error there leaves the position unknown
+                x, y = next(self._ahead)
+                last = index + 1 == len(self)
+                self._ahead_at = (epoch + 1, 0) if last and self._sampler.endless else (epoch, index + 1)
+                self._consumed = index + 1  # what the trainer has received, not what the thread has prepared
+                yield x, y
+            finished = True
+        finally:
+            if not finished:
+                # Broken off (break, an error, KeyboardInterrupt, the loop's generator collected): the next pass
+                # starts elsewhere, so the thread stops now rather than holding finished batches until then.
+                self._close_ahead()
         # Only a completed pass moves on, so a loop broken off mid-epoch repeats that epoch's plan.
         if self.epoch == epoch:
             self.epoch, self._consumed = epoch + 1, 0
+
+    def _close_ahead(self) -> None:
+        if isinstance(self._ahead, ThreadAhead):
+            self._ahead.close()
+        self._ahead = self._ahead_at = None
+
+
+def _ready_batches(stream: Iterator, settings: dict, epoch: int, start: int, batches: int, endless: bool,
+                   device: torch.device, scale: torch.Tensor, shift: torch.Tensor):  # fmt: skip
+    """(x, y) on ``device``, finished, from (epoch, start) on, in the sampler's order (_Batches): the per-batch
+    work of the trainer's process (receiving from the workers, normalising, channels_last, the copy to the device).
+
+    Run by a ``ThreadAhead`` thread, ``StreamingLoader.lookahead`` batches ahead, so the trainer receives a
+    finished batch. The floats: each batch gets its own block (``_empty_batch``), freed when the trainer drops
+    the batch; none is reused while anything refers to it. A ring of lookahead + 1 reused buffers would save the
+    allocation, but would overwrite a batch a trainer keeps longer (a list of batches, a logged input), silently.
+    """
+    non_blocking = device.type == "cuda"
+    while True:
+        # Pad-cropped batches come finished from the workers for a CPU device; the others are finished here.
+        plan = None if settings["finish_in_worker"] else _Plan(settings, epoch)
+        for index in range(start, batches):
+            images, labels = next(stream)
+            x = images.to(device, non_blocking=non_blocking)
+            if plan is not None:
+                x = _finish(x, plan, plan.batch(index, settings["batch_size"]), settings, scale, shift)
+            yield x, (labels.to(device, non_blocking=non_blocking) if settings["labelled"] else None)
+        if not endless or batches == 0:
+            return
+        epoch, start = epoch + 1, 0
 
 
 def streams(section) -> bool:
