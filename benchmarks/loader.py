@@ -6,8 +6,8 @@ ImageFolder + RandomResizedCrop + RandomHorizontalFlip + ToTensor + Normalize pi
 (``Image.resize(box=...)``, what torchvision's PIL path does), flips, converts to a normalised float tensor, and a
 ``DataLoader`` with the same workers and batch size collating the samples. Ours: ``trickbag.streaming``
 (a whole batch per worker item, each file read once, JPEGs decoded at 1/2, 1/4 or 1/8 scale when the crop allows
-it, boxes resized by torch, uint8 batches normalised in the trainer's process, workers running on into the next
-epoch), with the decoder ``StreamingLoader(decoder="auto")`` picks here, with Pillow's, and without draft.
+it, boxes resized by torch, uint8 batches received and normalised by a thread of the trainer's process running
+two batches ahead, workers running on into the next epoch), with the decoder ``StreamingLoader(decoder="auto")`` picks here, with Pillow's, and without draft.
 
 The images (``--images-from``): CIFAR-10 test JPEGs (/work/data/cifar10) upscaled to 640x480 JPEGs (smooth, ~22 KB
 files: cheap to entropy-decode), or scikit-learn's two sample photos (china, flower) at 640x480 (~80 KB: a camera
@@ -17,7 +17,9 @@ is measured alone (its workers stopped before the next one starts, so none decod
 consumer reading every pixel of each batch (``x.sum()``: a model's first layer does, and for a batch in shared
 memory that maps its pages: ~3 ms for 32x3x224² floats). The trainer's wait: a simulated model step of
 ``--step-ms`` per batch (default: twice our batch time); reported are the fraction of wall time spent waiting
-for the next batch (receiving it, and for ours normalising it: ~3 ms) and the batches waited on > 10 ms.
+for the next batch (for ours, before its lookahead thread: receiving and normalising it, 5-7 ms a batch on the
+trainer's step) and the batches waited on > 10 ms. The warm-up epoch has no model step, so it drains the queues:
+the first timed batches may wait for the workers (a start transient, counted).
 
     .venv/bin/python benchmarks/loader.py --images 256 --workers 2 [--torchvision-python /path/to/venv/bin/python]
 

@@ -15,6 +15,7 @@ within ``_POLL_S`` once the item it is producing is done (it never keeps the pro
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import weakref
@@ -26,6 +27,18 @@ __all__ = ["ThreadAhead"]
 # timeout wake at once when their condition is met, so this is only the latency of a stop.
 _POLL_S = 0.1
 _ITEM, _ERROR, _END = 0, 1, 2
+# Every thread started here and its stop event, for _stop_all at interpreter exit.
+_RUNNING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _stop_all() -> None:
+    """At exit, stop the threads before the DataLoader shuts its workers down: a daemon thread still inside
+    ``next()`` on a DataLoader while the interpreter finalises can abort the process (SIGABRT, seen in the kill -9
+    resume test under load). Registered again at each thread start: atexit runs the last registered first."""
+    for stop in list(_RUNNING.values()):
+        stop.set()
+    for thread in list(_RUNNING):
+        thread.join(timeout=10.0)
 
 
 def _fill(source: Iterator, out: queue.Queue, stop: threading.Event) -> None:
@@ -73,6 +86,11 @@ class ThreadAhead:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=_fill, args=(source, self._queue, self._stop), name=name,
                                         daemon=True)  # fmt: skip
+        atexit.unregister(
+            _stop_all
+        )  # re-registered last, so it runs before any exit handler registered so far
+        atexit.register(_stop_all)
+        _RUNNING[self._thread] = self._stop
         self._thread.start()
         # Only sets the event: a finaliser may run on any thread, the producing one included, so it must not join.
         weakref.finalize(self, self._stop.set)
