@@ -192,15 +192,24 @@ while loader.epoch < 2:
 def run_resume_script(folder, out, state, slow):
     script = out.parent / "resume.py"
     script.write_text(RESUME_SCRIPT)
+    # stderr to a file: a failing run's message shows in the assertion (a pipe could fill and block it)
+    errors = open(out.parent / f"{out.name}-stderr.txt", "ab")  # noqa: SIM115 - closed with the process
     return subprocess.Popen([sys.executable, str(script), str(folder), str(out), str(state), str(slow)],
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True, stderr=errors)  # fmt: skip
+
+
+def finished(process, out) -> bool:
+    """Wait for a resume script; on failure, fail with its exit code and the end of its stderr."""
+    code = process.wait(120)
+    assert code == 0, f"exit {code}: " + (out.parent / f"{out.name}-stderr.txt").read_text()[-3000:]
+    return True
 
 
 def test_kill_9_mid_epoch_and_resume_is_bit_identical(folder, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     straight.mkdir()
     resumed.mkdir()
-    assert run_resume_script(folder, straight, tmp_path / "s1.pt", 0.0).wait(120) == 0
+    assert finished(run_resume_script(folder, straight, tmp_path / "s1.pt", 0.0), straight)
     process = run_resume_script(folder, resumed, tmp_path / "s2.pt", 0.05)
     deadline = time.time() + 60
     while len(list(resumed.glob("0-*.pt"))) < 4 and time.time() < deadline:  # a few batches into epoch 0
@@ -209,7 +218,7 @@ def test_kill_9_mid_epoch_and_resume_is_bit_identical(folder, tmp_path):
     process.wait()
     done = len(list(resumed.glob("*.pt")))
     assert 4 <= done < len(list(straight.glob("*.pt")))  # killed mid-run
-    assert run_resume_script(folder, resumed, tmp_path / "s2.pt", 0.0).wait(120) == 0
+    assert finished(run_resume_script(folder, resumed, tmp_path / "s2.pt", 0.0), resumed)
     names = sorted(p.name for p in straight.glob("*.pt"))
     assert names == sorted(p.name for p in resumed.glob("*.pt"))
     for name in names:
