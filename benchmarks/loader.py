@@ -134,10 +134,12 @@ def free_rate(make, count: int) -> float:
 
 def waiting(make, count: int, step_s: float, late_s: float = 0.010) -> tuple[float, int, int]:
     """(fraction of wall time spent waiting for a batch, batches waited on > late_s, batches) over ``count``
-    epochs with a model step of ``step_s`` per batch, after one warm-up epoch."""
+    epochs with a model step of ``step_s`` per batch, after one warm-up epoch that has the step too (a trainer never
+    drains its loader without stepping: a step-less warm-up would start the timed epochs with the workers behind)."""
     loader = make()
-    for _ in epochs(loader, 1):
-        pass
+    for x, _ in epochs(loader, 1):
+        x.sum()
+        time.sleep(step_s)
     waited, late, total = 0.0, 0, 0
     started = before = time.perf_counter()
     for x, _ in epochs(loader, count):
