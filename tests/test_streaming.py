@@ -443,3 +443,17 @@ def test_keyboard_interrupt_mid_epoch_leaves_nothing_running(folder, tmp_path):
     assert (
         done.stdout.strip() == "interrupted []"
     )  # the thread stopped with the pass; the process then exited
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_streamed_batches_on_cuda_equal_the_cpu_ones(folder):
+    """The CUDA path (pinned memory, non-blocking copies finished by the lookahead thread): same values as on CPU."""
+    paths, labels, _ = list_image_folder(folder)
+    on_cpu = batches(StreamingLoader(paths, torch.tensor(labels), num_workers=2, **RRC))
+    on_gpu = batches(StreamingLoader(paths, torch.tensor(labels), num_workers=2, device="cuda", **RRC))
+    assert all(x.is_cuda and y.is_cuda for x, y in on_gpu)
+    assert len(on_cpu) == len(on_gpu)
+    for (x_cpu, y_cpu), (x_gpu, y_gpu) in zip(on_cpu, on_gpu, strict=True):
+        torch.testing.assert_close(x_gpu.cpu(), x_cpu, rtol=1e-6, atol=1e-6)
+        assert torch.equal(y_gpu.cpu(), y_cpu)
