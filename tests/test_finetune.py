@@ -190,7 +190,9 @@ def test_streamed_finetune_from_a_run_then_predict_a_single_photo(tmp_path, monk
     )  # the pretrained normalisation
     log = (tuned / "train.log").read_text()
     assert "tensors loaded, head ['linear.weight'] new for 2 classes" in log
-    assert "decoded per batch by" in log and "JPEG decoder: " in log  # which decoder a streamed run used
+    assert (
+        "decoded per batch by 0 worker" in log and "JPEG decoder: " in log
+    )  # data.num_workers=0; the decoder
     results = json.loads((tuned / "results.json").read_text())
     test_accuracy = results["checkpoints"]["last"]["test"]["accuracy"]
     # 3. eval on the run's own (streamed) test split gives the test accuracy the run reported.

@@ -354,6 +354,7 @@ def test_thread_ahead_gives_the_batches_of_the_trainers_own_calls(folder):
     paths, labels, _ = list_image_folder(folder)
     ahead = StreamingLoader(paths, torch.tensor(labels), num_workers=2, lookahead=2, **RRC)
     inline = StreamingLoader(paths, torch.tensor(labels), num_workers=2, lookahead=0, **RRC)
+    assert ahead.num_workers == 2
     iterator = iter(ahead)
     next(iterator)
     assert isinstance(ahead._ahead, ThreadAhead) and ahead_threads()

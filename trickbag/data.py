@@ -198,12 +198,11 @@ def downsample(images: torch.Tensor, side: int | None) -> torch.Tensor:
     """(N, C, H, W) float -> (N, C, side, side * W / H) by area averaging; unchanged at its own size or None."""
     if side is None or side == images.shape[2]:
         return images
-    width = round(side * images.shape[3] / images.shape[2])
-    if images.shape[2] % side == 0 and images.shape[3] % width == 0:  # whole factor: a plain average pool
-        factor = images.shape[2] // side
-        if images.shape[3] // width == factor:
-            return F.avg_pool2d(images, factor)
-    return F.interpolate(images, size=(side, width), mode="area")
+    height, width = side, round(side * images.shape[3] / images.shape[2])
+    factor = images.shape[2] // height
+    if images.shape[2:] == (height * factor, width * factor):  # a whole factor: a plain average pool
+        return F.avg_pool2d(images, factor)
+    return F.interpolate(images, size=(height, width), mode="area")
 
 
 def _check_shard(rank: int, world_size: int) -> None:

@@ -86,9 +86,8 @@ class ThreadAhead:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=_fill, args=(source, self._queue, self._stop), name=name,
                                         daemon=True)  # fmt: skip
-        atexit.unregister(
-            _stop_all
-        )  # re-registered last, so it runs before any exit handler registered so far
+        # Re-registered last, so it runs before any exit handler registered so far.
+        atexit.unregister(_stop_all)
         atexit.register(_stop_all)
         _RUNNING[self._thread] = self._stop
         self._thread.start()

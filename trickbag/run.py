@@ -234,18 +234,18 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
             f"{len(train_set)} training images are fewer than one global batch (batch_size={cfg.batch_size} "
             f"per process x {world} processes); lower batch_size or use fewer processes"
         )
-    if cfg.data.train_sizes is not None and not streamed:
-        try:
+    if cfg.data.train_sizes is not None:
+        if streamed:  # in_memory=auto chose to stream this (large) training set
+            raise ValueError(
+                "data.train_sizes needs the in-memory loader, but this training set is streamed (larger than "
+                "data.memory_budget_gb); set data.image_size smaller instead"
+            )
+        try:  # BatchLoader checks them too; here the message names the key to change
             data.check_sizes(cfg.data.train_sizes, tuple(train_set.images.shape[2:]))
         except ValueError as error:
             raise ValueError(f"data.train_sizes: {error}") from None
         logger.info(
             f"progressive resizing: training images at {cfg.data.train_sizes} per epoch (the last repeats)"
-        )
-    if streamed and cfg.data.train_sizes is not None:
-        raise ValueError(
-            "data.train_sizes needs the in-memory loader, but this training set is streamed (larger than "
-            "data.memory_budget_gb); set data.image_size smaller instead"
         )
     if streamed and cfg.data.sampling != "none":  # in_memory=auto chose to stream this (large) training set
         raise ValueError(
@@ -257,9 +257,9 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
             cfg.data, train_set, train=True, batch_size=cfg.batch_size, seed=cfg.seed,
             drop_last=len(train_set) >= cfg.batch_size or world > 1, **common,
         )  # fmt: skip
-        workers = (os.cpu_count() or 1) if cfg.data.num_workers is None else cfg.data.num_workers
         logger.info(
-            f"streaming {len(train_set)} training images, decoded per batch by {workers} worker process(es); "
+            f"streaming {len(train_set)} training images, decoded per batch by {train_loader.num_workers} worker "
+            "process(es); "
             f"JPEG decoder: {train_loader.decoder}"
             + (" (pip install 'trickbag[fastjpeg]' decodes faster)" if train_loader.decoder == "pil" else "")
         )

@@ -397,6 +397,11 @@ class StreamingLoader:
     def image_size(self) -> int:
         return self._settings["image_size"]
 
+    @property
+    def num_workers(self) -> int:
+        """Decoding processes (0: decoded in this process)."""
+        return self._loader.num_workers
+
     def _items(self) -> int:
         return len(_shard(len(self.paths), self.rank, self.world_size, self.batch_size, self.drop_last))
 
