@@ -105,7 +105,8 @@ def run_one(
 
         PosthocAdjustment(results["class_counts"], tau=1.0).attach(run.model)  # eval-mode logits only
         scores = evaluate(run.model, run.loaders.test, run.parts.loss_fn, run.parts.metrics,
-                          precision=run.parts.precision, flip_tta=cfg.eval.flip_tta)  # fmt: skip
+                          precision=run.parts.precision, flip_tta=cfg.eval.flip_tta,
+                          translate_tta=cfg.eval.translate_tta)  # fmt: skip
         row["posthoc"] = _scores(scores, run.parts.metrics.per_class(), state.train_time_s)
     return row
 

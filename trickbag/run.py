@@ -576,6 +576,7 @@ def fit_options(cfg):
         log_every=cfg.train.log_every,
         eval_every_epochs=cfg.train.eval_every_epochs,
         flip_tta=cfg.eval.flip_tta,
+        translate_tta=cfg.eval.translate_tta,
         best_metric=score_name(cfg.eval.best_metric),
         best_mode=cfg.eval.mode,
         early_stopping=early,
@@ -630,7 +631,8 @@ def finish_run(run: Run, state) -> dict[str, Any]:
                 distributed.broadcast_module_state(model)  # rank 0's weights and buffers, what it saved
                 started = time.perf_counter()
                 tested[epoch] = evaluate(model, loaders.test, parts.loss_fn, parts.metrics,
-                                         precision=parts.precision, flip_tta=run.cfg.eval.flip_tta)  # fmt: skip
+                                         precision=parts.precision, flip_tta=run.cfg.eval.flip_tta,
+                                         translate_tta=run.cfg.eval.translate_tta)  # fmt: skip
                 # The final evaluation is part of a recipe's cost (benchmarks/cifar10_cpu.py adds it).
                 test_seconds[epoch] = round(time.perf_counter() - started, 3)
                 if hasattr(parts.metrics, "per_class"):

@@ -39,6 +39,7 @@ from trickbag import distributed
 from trickbag.checkpoint import capture_rng_state, restore_rng_state
 from trickbag.progress import Progress
 from trickbag.runlog import RunLogger
+from trickbag.tta import tta_logits
 
 LOSS = "loss"  # key of the loss in evaluate()'s result; per-epoch rows prefix every score with "val_"
 
@@ -94,6 +95,7 @@ class FitOptions:
     log_every: int = 50  # optimizer updates between running-loss log lines
     eval_every_epochs: int = 1  # the last epoch is always evaluated
     flip_tta: bool = False
+    translate_tta: bool = False  # with flip_tta: airbench's 6-view TTA (trickbag.tta)
     best_metric: str = "accuracy"
     best_mode: str = "auto"
     early_stopping: EarlyStopping | None = None
@@ -200,8 +202,7 @@ def is_weighted(loss_fn) -> bool:
 
 def flip_tta_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Log of the mean softmax over the image and its mirror: usable as logits, (N, C) float32."""
-    probs = model(x).float().softmax(1) + model(x.flip(3)).float().softmax(1)
-    return (probs / 2).log()
+    return tta_logits(model, x, flip=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,9 +211,16 @@ def flip_tta_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def evaluate(
-    model, loader, loss_fn, metrics=None, *, precision=None, flip_tta: bool = False
+    model,
+    loader,
+    loss_fn,
+    metrics=None,
+    *,
+    precision=None,
+    flip_tta: bool = False,
+    translate_tta: bool = False,
 ) -> dict[str, float]:
-    """Dataset-level loss and metrics of ``model`` on ``loader`` (eval mode, no gradients, optional flip TTA).
+    """Dataset-level loss and metrics of ``model`` on ``loader`` (eval mode, no gradients, optional TTA).
 
     The loss is ``sum_i w_i l_i / sum_i w_i`` over the whole set (accumulated in float64), so it does not
     depend on the batch size or on the order of the samples. A loader that is one rank's shard (its
@@ -229,7 +237,7 @@ def evaluate(
     numerator, denominator, seen = 0.0, 0.0, 0
     for x, y in loader:
         with precision.autocast() if precision is not None else contextlib.nullcontext():
-            logits = flip_tta_logits(model, x) if flip_tta else model(x).float()
+            logits = tta_logits(model, x, flip=flip_tta, translate=translate_tta)
         batch_sum, batch_weight = loss_sums(loss_fn, logits.float(), y)
         numerator = numerator + batch_sum.double()
         denominator = denominator + (batch_weight.double() if torch.is_tensor(batch_weight) else batch_weight)
@@ -250,14 +258,16 @@ def evaluate(
 
 
 @torch.inference_mode()
-def predict_probabilities(model, loader, *, precision=None, flip_tta: bool = False) -> torch.Tensor:
+def predict_probabilities(
+    model, loader, *, precision=None, flip_tta: bool = False, translate_tta: bool = False
+) -> torch.Tensor:
     """Class probabilities (N, C) float32 on the CPU for every batch ``(x, _)`` of ``loader``, in order."""
     was_training = model.training
     model.eval()
     probabilities = []
     for x, _ in loader:
         with precision.autocast() if precision is not None else contextlib.nullcontext():
-            logits = flip_tta_logits(model, x) if flip_tta else model(x).float()
+            logits = tta_logits(model, x, flip=flip_tta, translate=translate_tta)
         probabilities.append(logits.float().softmax(1).cpu())
     model.train(was_training)
     return torch.cat(probabilities)
@@ -465,7 +475,7 @@ def _evaluate_epoch(model, loaders: Loaders, parts: Parts, options: FitOptions, 
         # Without SyncBatchNorm each rank's running statistics are its own: evaluate rank 0's, the checkpoint.
         distributed.broadcast_buffers(eval_model)
     scores = evaluate(eval_model, loaders.val, parts.loss_fn, parts.metrics, precision=parts.precision,
-                      flip_tta=options.flip_tta)  # fmt: skip
+                      flip_tta=options.flip_tta, translate_tta=options.translate_tta)  # fmt: skip
     if not math.isfinite(scores[LOSS]):
         progress.close()
         raise NonFiniteLossError(

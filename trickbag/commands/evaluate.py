@@ -100,7 +100,13 @@ def handle_eval(args) -> int:
         loss_fn.set_epoch(max(int(ckpt.meta.get("epoch") or 1) - 1, 0))
     precision = Precision(cfg.precision, device) if precision_runs(cfg.precision, device) else None
     scores = evaluate(
-        model, loader, loss_fn, metrics, precision=precision, flip_tta=args.flip_tta or cfg.eval.flip_tta
+        model,
+        loader,
+        loss_fn,
+        metrics,
+        precision=precision,
+        flip_tta=args.flip_tta or cfg.eval.flip_tta,
+        translate_tta=cfg.eval.translate_tta,
     )
     print(f"{ckpt.path} (epoch {ckpt.meta.get('epoch')}) on {described}: {len(imageset)} images")
     counts = ckpt.meta.get("class_counts")

@@ -63,7 +63,11 @@ def handle_predict(args) -> int:
     )  # fmt: skip
     precision = Precision(cfg.precision, device) if precision_runs(cfg.precision, device) else None
     probs = predict_probabilities(
-        model, loader, precision=precision, flip_tta=args.flip_tta or cfg.eval.flip_tta
+        model,
+        loader,
+        precision=precision,
+        flip_tta=args.flip_tta or cfg.eval.flip_tta,
+        translate_tta=cfg.eval.translate_tta,
     )
     predicted = probs.argmax(1).tolist()
     out = Path(args.out)
