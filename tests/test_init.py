@@ -87,3 +87,35 @@ def test_warns_when_no_block():
 def test_rejects_non_module():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got list"):
         zero_init_residual_bn([nn.BatchNorm2d(2)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# identity (Dirac) init of plain convolutions
+
+
+def test_identity_init_passes_input_through():
+    from trickbag.init import identity_init_convs
+
+    square = nn.Conv2d(5, 5, 3, padding=1, bias=False)
+    wider = nn.Conv2d(4, 6, 5, padding=2, bias=False)
+    strided = nn.Conv2d(5, 4, 3, stride=2, padding=1, bias=False)
+    even = nn.Conv2d(4, 4, 2, bias=False)
+    untouched = {name: conv.weight.clone() for name, conv in [("strided", strided), ("even", even)]}
+    before_extra = wider.weight[4:].clone()
+    assert identity_init_convs(nn.Sequential(square, wider, strided, even)) == 2
+    x = torch.randn(3, 5, 7, 9)  # odd sizes
+    torch.testing.assert_close(square(x), x)  # reference: the identity map, by construction
+    y = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(wider(y)[:, :4], y)
+    torch.testing.assert_close(wider.weight[4:], before_extra)  # the extra filters keep their random init
+    assert torch.equal(strided.weight, untouched["strided"]) and torch.equal(even.weight, untouched["even"])
+
+
+def test_identity_init_on_cifar_fast_and_bad_input():
+    from trickbag.init import identity_init_convs
+    from trickbag.models import CifarFastNet
+
+    model = CifarFastNet(10, widths=(8, 16), stem_width=8, depth=2)
+    assert identity_init_convs(model) == 4  # the two 3x3 convs of each stage; the stride-2 stem is skipped
+    with pytest.raises(TypeError, match="nn.Module"):
+        identity_init_convs("model")

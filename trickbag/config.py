@@ -103,6 +103,7 @@ class ModelConfig(_Section):
         default_factory=dict
     )  # passed to trickbag.models.build_model, checked there
     zero_init_residual_bn: bool = False
+    identity_init: bool = False  # Dirac-init stride-1 convs (trickbag.init.identity_init_convs; plain nets)
     # Fine-tuning: weights from a file (safetensors, a weights-only state dict, or a trickbag checkpoint folder);
     # the classifier head is replaced for the run's classes (trickbag.models.load_pretrained). Nothing downloads.
     pretrained: str | None = None

@@ -129,6 +129,14 @@ def build_model_for(cfg, num_classes: int, in_channels: int, device):
         from trickbag.init import zero_init_residual_bn
 
         zero_init_residual_bn(model)
+    if cfg.model.identity_init:
+        from trickbag.init import identity_init_convs
+
+        if identity_init_convs(model) == 0:
+            raise ValueError(
+                f"model.identity_init: {cfg.model.name!r} has no stride-1 odd-sized convolution to initialise; "
+                "set model.identity_init: false"
+            )
     model = model.to(device)
     if cfg.data.channels_last is True:  # "auto" is resolved by build_run's probe (trickbag.hardware.choose)
         model = model.to(memory_format=torch.channels_last)
