@@ -1,6 +1,7 @@
 import builtins
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -183,3 +184,55 @@ def test_patch_whitening_fits_once_on_first_training_batch():
     fresh.train()
     fresh(x * 3 + 1)
     assert torch.equal(fresh.conv.weight, weights)  # a loaded, fitted layer is not re-fitted
+
+
+def test_patch_whitening_overlapping_trainable_keeps_leading_components():
+    """stride 2, padding 1, 4x4 patches, half the channels: against numpy's patches and eigendecomposition."""
+    from trickbag.models import CifarFastNet, PatchWhitening
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 3, 12, 12, generator=generator)
+    x = x + 0.8 * x.roll(1, dims=3) + 0.5 * x[:, [1, 2, 0]]  # correlated neighbours and channels
+    layer = PatchWhitening(3, 4, eps=1e-9, stride=2, padding=1, out_channels=16, trainable=True, bias=False)
+    layer.train()
+    out = layer(x).detach()
+    assert out.shape == (6, 16, 6, 6) and layer.conv.weight.requires_grad and layer.conv.bias is None
+    # Reference: patches cut by hand from the zero-padded images, numpy's eigh of their second moment.
+    padded = np.pad(x.double().numpy(), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    corners = range(0, 11, 2)  # output positions 0..5 at stride 2 on the 14x14 padded image
+    patches = np.stack(
+        [padded[n, :, i : i + 4, j : j + 4].ravel() for n in range(6) for i in corners for j in corners]
+    )
+    assert len(patches) == 6 * 36
+    second_moment = patches.T @ patches / len(patches)
+    eigenvalues = np.linalg.eigh(second_moment)[0][::-1][:8]
+    flat = out[:, :8].permute(0, 2, 3, 1).reshape(-1, 8).double().numpy()
+    # Whitened leading components: identity second moment; the filters span numpy's leading eigenvectors.
+    np.testing.assert_allclose(flat.T @ flat / len(flat), np.eye(8), atol=1e-4)
+    weights = layer.conv.weight.detach()[:8].reshape(8, -1).double().numpy()
+    np.testing.assert_allclose(np.linalg.norm(weights, axis=1), 1 / np.sqrt(eigenvalues), rtol=1e-4)
+    torch.testing.assert_close(out[:, 8:], -out[:, :8])
+    with pytest.raises(ValueError, match="out_channels must be even"):
+        PatchWhitening(3, 2, out_channels=25)
+    with pytest.raises(ValueError, match="stem_init"):
+        CifarFastNet(10, stem_init="pca")
+    with pytest.raises(ValueError, match="stem_width must be even"):
+        CifarFastNet(10, stem_init="whiten", stem_width=33)
+
+
+def test_cifar_fast_whitened_stem_is_fitted_once_and_trains():
+    from trickbag.models import CifarFastNet
+
+    torch.manual_seed(0)
+    model = CifarFastNet(10, widths=(8, 16), stem_width=8, stem_init="whiten", pool_first=True)
+    stem = model.features[0]
+    x = torch.randn(5, 3, 32, 32)
+    model(x).sum().backward()
+    assert int(stem.fitted) == 1 and stem.conv.weight.grad is not None  # trained after the init
+    fitted = stem.conv.weight.detach().clone()
+    model(x * 2).sum().backward()
+    assert torch.equal(stem.conv.weight, fitted)
+    clone = CifarFastNet(10, widths=(8, 16), stem_width=8, stem_init="whiten", pool_first=True)
+    clone.load_state_dict(model.state_dict())
+    clone(torch.randn(5, 3, 32, 32))
+    assert torch.equal(clone.features[0].conv.weight, fitted)  # a checkpoint is never re-fitted
