@@ -16,13 +16,13 @@ of a torchvision DataLoader, which only makes the tutorial faster than it really
 
 trickbag side: ``python -m trickbag train recipes/cifar10_fast.yaml data.root=DATA`` as a subprocess; its
 training time is the sum of the per-epoch times in the run's metrics.csv (evaluation included), and its final test
-pass (flip TTA included) is timed by the run (``test_s`` in results.json). The ratio compares training + test pass
+pass (its TTA views included) is timed by the run (``test_s`` in results.json). The ratio compares training + test pass
 on both sides (the tutorial's test pass too); the subprocess wall-clock (start-up, cache read, checkpoints) is
 reported beside it. ``--time-to-tutorial`` adds the recipe as a complete 1-epoch schedule on 24x24 batches
 (``data.train_sizes=[24]``, tested at full size: the time to the tutorial's accuracy), ``--also-recipe`` other recipes in the same run. Accuracy is the
 test accuracy (from results.json) of the checkpoint the run reports: best_metric when the recipe chooses on a
 validation split, else `last` (cifar10_fast chooses nothing: data.val_fraction 0, all 50,000 training images, as
-the tutorial), flip TTA if the recipe enables it.
+the tutorial), with the TTA the recipe enables (cifar10_fast: flip + translate, 6 views).
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def run_trickbag(recipe: Path, data_root: Path, overrides: list[str]) -> dict:
     return {
         "settings": settings,  # what precision / layout / compile the run chose (or was told)
         "train_s": sum(float(row["time_s"]) for row in rows),
-        "test_s": float(chosen.get("test_s", 0.0)),  # the final test pass (flip TTA if the recipe has it)
+        "test_s": float(chosen.get("test_s", 0.0)),  # the final test pass (with the TTA the recipe enables)
         "wall_s": wall_s,
         "accuracy": float(chosen["test"]["accuracy"]),
         "epochs": len(rows),
