@@ -22,7 +22,7 @@ reported beside it. ``--time-to-tutorial`` adds the recipe as a complete 1-epoch
 (``data.train_sizes=[24]``, tested at full size: the time to the tutorial's accuracy), ``--also-recipe`` other recipes in the same run. Accuracy is the
 test accuracy (from results.json) of the checkpoint the run reports: best_metric when the recipe chooses on a
 validation split, else `last` (cifar10_fast chooses nothing: data.val_fraction 0, all 50,000 training images, as
-the tutorial), with the TTA the recipe enables (cifar10_fast: flip + translate, 6 views).
+the tutorial), with the TTA the recipe enables (cifar10_fast: flip + translate, 4 views).
 """
 
 from __future__ import annotations

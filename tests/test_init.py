@@ -119,3 +119,18 @@ def test_identity_init_on_cifar_fast_and_bad_input():
     assert identity_init_convs(model) == 4  # the two 3x3 convs of each stage; the stride-2 stem is skipped
     with pytest.raises(TypeError, match="nn.Module"):
         identity_init_convs("model")
+
+
+def test_config_identity_init_applies_and_names_the_key(monkeypatch):
+    from trickbag import models
+    from trickbag.config import load_config
+    from trickbag.run import build_model_for
+
+    cfg = load_config(None, ["model.name=cifar_fast", "model.identity_init=true"])
+    model = build_model_for(cfg, 10, 3, torch.device("cpu"))
+    conv = model.features[5][0]  # the second 3x3 conv of the first stage (64 -> 64): the identity map
+    x = torch.randn(2, conv.in_channels, 8, 8)
+    torch.testing.assert_close(conv(x), x)
+    monkeypatch.setattr(models, "build_model", lambda *args, **kwargs: nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="model.identity_init: .* no stride-1"):
+        build_model_for(cfg, 10, 3, torch.device("cpu"))

@@ -28,16 +28,14 @@ def test_shifted_views_by_hand():
         shifted_views(x, pixels=3)
 
 
-def test_flip_and_translate_weights_by_hand():
+def test_flip_and_translate_views_by_hand():
     x = torch.randn(2, 1, 5, 7)
     got = tta_probabilities(TopLeftPixel(), x, flip=True, translate=True)
     for i in range(2):
         a, b = x[i, 0, 0, 0], x[i, 0, 0, -1]  # the image's and its mirror's top-left pixel
-        c, d = (
-            x[i, 0, 1, 1],
-            x[i, 0, 1, -2],
-        )  # both shifted views start at (1, 1) (reflection); mirrored: (1, W-2)
-        expected = (two_class(a) + two_class(b)) / 4 + (two_class(c) + two_class(d)) / 4
+        # Shifted up-left, the top-left pixel is (1, 1) (reflection); shifted down-right then mirrored: (1, W-2).
+        c, d = x[i, 0, 1, 1], x[i, 0, 1, -2]
+        expected = (two_class(a) + two_class(b) + two_class(c) + two_class(d)) / 4
         torch.testing.assert_close(got[i], expected)
     assert torch.allclose(got.sum(1), torch.ones(2))
 
@@ -46,10 +44,11 @@ def test_views_without_flip_and_without_anything():
     model = TopLeftPixel()
     x = torch.randn(3, 1, 4, 4)
     got = tta_probabilities(model, x, flip=False, translate=True)
+    # the image, shifted up-left and shifted down-right: top-left pixels (0, 0), (1, 1) and (1, 1)
     expected = (
-        torch.stack([two_class(v) for v in x[:, 0, 0, 0]]) / 2
-        + torch.stack([two_class(v) for v in x[:, 0, 1, 1]]) / 2
-    )
+        torch.stack([two_class(v) for v in x[:, 0, 0, 0]])
+        + 2 * torch.stack([two_class(v) for v in x[:, 0, 1, 1]])
+    ) / 3
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(tta_logits(model, x, flip=False, translate=False), model(x))
 

@@ -168,7 +168,7 @@ def _check_metric_name(value: str, extra: tuple[str, ...]) -> str:
 
 class EvalConfig(_Section):
     flip_tta: bool = False  # average with the mirrored images (trickbag.tta)
-    # Also the images shifted one pixel up-left and down-right (airbench's multi-crop; 6 views with flip_tta)
+    # Also the images shifted one pixel up-left and down-right (after airbench's multi-crop; 4 views with flip_tta)
     translate_tta: bool = False
     # Post-hoc logit adjustment (Menon et al. 2021): evaluation and prediction use z - tau * log(prior); 0: off.
     logit_adjust_tau: float = Field(0.0, ge=0.0)

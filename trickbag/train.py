@@ -95,7 +95,7 @@ class FitOptions:
     log_every: int = 50  # optimizer updates between running-loss log lines
     eval_every_epochs: int = 1  # the last epoch is always evaluated
     flip_tta: bool = False
-    translate_tta: bool = False  # with flip_tta: airbench's 6-view TTA (trickbag.tta)
+    translate_tta: bool = False  # with flip_tta: 4 views, after airbench (trickbag.tta)
     best_metric: str = "accuracy"
     best_mode: str = "auto"
     early_stopping: EarlyStopping | None = None

@@ -1,9 +1,11 @@
 """Test-time augmentation: average the class probabilities of a few views of each image.
 
-* flip: the image and its mirror (left-right), equal weights;
-* translate: airbench's multi-crop (Jordan 2024, https://arxiv.org/abs/2404.00498, ``tta_level=2``): besides the
-  image, the two copies shifted by one pixel up-left and down-right (reflect padding), each weighted half as
-  much as the unshifted view, with their mirrors when ``flip`` is on. 6 forward passes with both.
+* flip: the image and its mirror (left-right);
+* translate: after airbench's multi-crop (Jordan 2024, https://arxiv.org/abs/2404.00498): also the image shifted
+  by one pixel up-left and the image shifted one pixel down-right (reflect padding), the latter mirrored when
+  ``flip`` is on. 4 forward passes with both, all weighted equally. airbench's 6 views (both shifted images
+  and both their mirrors, the unshifted pair weighted double) scored the same on cifar10_fast (4 epochs, 3
+  seeds: 80.67 vs 80.63 % test accuracy) for 1.5x the passes, so the two redundant ones are left out.
 
 On cifar10_fast (4 CPU epochs) flip adds ~1 point of test accuracy and translate another ~0.5: about what one
 more training epoch buys, for a fraction of its cost (each view is one forward pass over the test set).
@@ -28,18 +30,16 @@ def shifted_views(x: torch.Tensor, pixels: int = 1) -> tuple[torch.Tensor, torch
 
 def tta_probabilities(model: nn.Module, x: torch.Tensor, *, flip: bool = True, translate: bool = False):
     """Mean softmax over the views of ``x`` (N, C, H, W): (N, num_classes) float32. No views: one pass."""
-
-    def view_probabilities(images: torch.Tensor) -> torch.Tensor:
-        probabilities = model(images).float().softmax(1)
-        if flip:
-            probabilities = (probabilities + model(images.flip(3)).float().softmax(1)) / 2
-        return probabilities
-
-    probabilities = view_probabilities(x)
+    views = [x]
+    if flip:
+        views.append(x.flip(3))
     if translate:
         up_left, down_right = shifted_views(x)
-        probabilities = probabilities / 2 + (view_probabilities(up_left) + view_probabilities(down_right)) / 4
-    return probabilities
+        views += [up_left, down_right.flip(3) if flip else down_right]
+    probabilities = model(views[0]).float().softmax(1)
+    for view in views[1:]:
+        probabilities = probabilities + model(view).float().softmax(1)
+    return probabilities / len(views)
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor, *, flip: bool = True, translate: bool = False):
