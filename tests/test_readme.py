@@ -49,6 +49,7 @@ def test_readme_library_example_runs():
     assert namespace["soft_target"].shape == (6, 10)
     assert abs(namespace["lr"] - 0.1) < 1e-12
     assert zeroed == [True]  # zero_init_residual_bn reached the block
+    assert namespace["tta"].shape == (6, 3) and torch.allclose(namespace["tta"].exp().sum(1), torch.ones(6))
     assert (
         namespace["state"].epoch == 2 and namespace["state"].updates == 4
     )  # accumulate=2: 2 updates an epoch
