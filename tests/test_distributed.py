@@ -310,3 +310,33 @@ def test_two_nodes_rendezvous_over_loopback(tmp_path):
     outputs = [node.communicate(timeout=90)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert "rank 0 of 2: sum 3" in outputs[0] and "rank 1 of 2: sum 3" in outputs[1]
+
+
+def whitening_batch(rank: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(100 + rank)  # every rank sees different images
+    x = torch.randn(4, 3, 8, 8, generator=generator)
+    return x + 0.7 * x.roll(1, dims=3)
+
+
+def scenario_whitening(rank: int) -> torch.Tensor:
+    from trickbag.models import PatchWhitening
+
+    torch.manual_seed(rank)
+    layer = PatchWhitening(3, 4, stride=2, padding=1, out_channels=8, trainable=True, bias=False).train()
+    layer(whitening_batch(rank))
+    return layer.conv.weight.detach()
+
+
+def test_patch_whitening_takes_rank_zeros_filters(tmp_path):
+    """Fitted on each rank's own first batch, the filters must still be one init for all (DDP assumes it)."""
+    from trickbag.models import PatchWhitening
+
+    reference = PatchWhitening(3, 4, stride=2, padding=1, out_channels=8, trainable=True, bias=False).train()
+    reference(whitening_batch(0))
+    alone_on_rank1 = PatchWhitening(
+        3, 4, stride=2, padding=1, out_channels=8, trainable=True, bias=False
+    ).train()
+    alone_on_rank1(whitening_batch(1))
+    assert not torch.allclose(alone_on_rank1.conv.weight, reference.conv.weight)  # the data differ
+    for weights in run_ranks("scenario_whitening", tmp_path):
+        torch.testing.assert_close(weights, reference.conv.weight.detach())
