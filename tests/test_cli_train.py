@@ -50,7 +50,7 @@ def only_run(output_dir: Path) -> Path:
     return runs[0]
 
 
-def test_train_produces_all_files_and_eval_predict_report(tmp_path, capsys):
+def test_train_produces_all_files_and_eval_predict_report(tmp_path, capsys, monkeypatch):
     out = tmp_path / "runs"
     assert run_cli("train", DIGITS, *TINY, f"output_dir={out}", "name=tiny", "--quiet") == 0
     run_dir = only_run(out)
@@ -76,6 +76,13 @@ def test_train_produces_all_files_and_eval_predict_report(tmp_path, capsys):
     eval_out = capsys.readouterr().out
     meta = json.loads((run_dir / "best_metric" / "meta.json").read_text())
     assert f"{meta['scores']['val_accuracy']:.4f}" in eval_out  # same weights, same val set, same number
+    import trickbag.train
+
+    seen, real_evaluate = [], trickbag.train.evaluate
+    monkeypatch.setattr(trickbag.train, "evaluate", lambda *a, **k: seen.append(k) or real_evaluate(*a, **k))
+    assert run_cli("eval", str(run_dir), "--split", "val", "--flip-tta", "--translate-tta") == 0
+    assert seen[-1]["flip_tta"] and seen[-1]["translate_tta"]  # the flags reach the evaluation
+    capsys.readouterr()
 
     images = tmp_path / "images"
     for label in ("3", "7"):
@@ -93,6 +100,14 @@ def test_train_produces_all_files_and_eval_predict_report(tmp_path, capsys):
             picks[name] += 1
     predictions = tmp_path / "predictions.csv"
     assert run_cli("predict", str(run_dir / "best_metric"), str(images), "--out", str(predictions)) == 0
+    shifted = tmp_path / "predictions_tta.csv"
+    assert (
+        run_cli(
+            "predict", str(run_dir / "best_metric"), str(images), "--out", str(shifted), "--translate-tta"
+        )
+        == 0
+    )
+    assert open(shifted).read() != open(predictions).read()  # 3 views of 8x8 digits change the probabilities
     table = list(csv.DictReader(open(predictions)))
     assert len(table) == 4
     assert list(table[0])[:3] == ["path", "label", "predicted"]

@@ -50,6 +50,11 @@ def register(subparsers) -> None:
         action="store_true",
         help="average with mirrored images (default: as the run's eval.flip_tta)",
     )
+    parser.add_argument(
+        "--translate-tta",
+        action="store_true",
+        help="also average images shifted by one pixel (default: as the run's eval.translate_tta)",
+    )
     parser.set_defaults(func=handle_eval)
 
 
@@ -106,7 +111,7 @@ def handle_eval(args) -> int:
         metrics,
         precision=precision,
         flip_tta=args.flip_tta or cfg.eval.flip_tta,
-        translate_tta=cfg.eval.translate_tta,
+        translate_tta=args.translate_tta or cfg.eval.translate_tta,
     )
     print(f"{ckpt.path} (epoch {ckpt.meta.get('epoch')}) on {described}: {len(imageset)} images")
     counts = ckpt.meta.get("class_counts")

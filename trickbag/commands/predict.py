@@ -32,6 +32,11 @@ def register(subparsers) -> None:
         action="store_true",
         help="average with mirrored images (default: as the run's eval.flip_tta)",
     )
+    parser.add_argument(
+        "--translate-tta",
+        action="store_true",
+        help="also average images shifted by one pixel (default: as the run's eval.translate_tta)",
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.set_defaults(func=handle_predict)
 
@@ -67,7 +72,7 @@ def handle_predict(args) -> int:
         loader,
         precision=precision,
         flip_tta=args.flip_tta or cfg.eval.flip_tta,
-        translate_tta=cfg.eval.translate_tta,
+        translate_tta=args.translate_tta or cfg.eval.translate_tta,
     )
     predicted = probs.argmax(1).tolist()
     out = Path(args.out)
