@@ -26,11 +26,11 @@ from trickbag.train import (
     accumulation_step,
     evaluate,
     fit,
-    flip_tta_logits,
     is_improvement,
     restore_training_state,
     training_loss_sums,
 )
+from trickbag.tta import tta_logits
 
 WEIGHT = torch.tensor([0.3, 2.0, 1.1])
 
@@ -173,7 +173,7 @@ def test_evaluate_and_flip_tta():
     predicted = model(x).argmax(1)
     assert scores["accuracy"] == pytest.approx(accuracy_score(y, predicted))
     assert scores["macro_f1"] == pytest.approx(f1_score(y, predicted, average="macro", zero_division=0))
-    tta = flip_tta_logits(model, x)
+    tta = tta_logits(model, x, flip=True)
     expected = ((model(x).softmax(1) + model(x.flip(3)).softmax(1)) / 2).log()
     torch.testing.assert_close(tta, expected)
     assert model.training  # mode restored

@@ -200,11 +200,6 @@ def is_weighted(loss_fn) -> bool:
     return hasattr(loss_fn, "sums") and getattr(loss_fn, "weight", None) is not None
 
 
-def flip_tta_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Log of the mean softmax over the image and its mirror: usable as logits, (N, C) float32."""
-    return tta_logits(model, x, flip=True)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation
 
