@@ -81,9 +81,8 @@ def read_encoded(path: str, decoder: str = "pil") -> EncodedImage:
         if simplejpeg.is_jpeg(data):
             try:
                 height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-            except (
-                ValueError
-            ):  # e.g. a chroma subsampling libjpeg-turbo's API has no name for: Pillow decodes it
+            # A header libjpeg-turbo's API cannot name (e.g. an unusual chroma subsampling): Pillow decodes it.
+            except ValueError:
                 colorspace = None
             # CMYK/YCCK JPEGs: Pillow's conversion to RGB, as for every other file.
             if colorspace in ("YCbCr", "Gray"):
