@@ -39,7 +39,7 @@ from trickbag import distributed
 from trickbag.checkpoint import capture_rng_state, restore_rng_state
 from trickbag.progress import Progress
 from trickbag.runlog import RunLogger
-from trickbag.tta import tta_logits
+from trickbag.tta import tta_logits, tta_probabilities
 
 LOSS = "loss"  # key of the loss in evaluate()'s result; per-epoch rows prefix every score with "val_"
 
@@ -262,8 +262,7 @@ def predict_probabilities(
     probabilities = []
     for x, _ in loader:
         with precision.autocast() if precision is not None else contextlib.nullcontext():
-            logits = tta_logits(model, x, flip=flip_tta, translate=translate_tta)
-        probabilities.append(logits.float().softmax(1).cpu())
+            probabilities.append(tta_probabilities(model, x, flip=flip_tta, translate=translate_tta).cpu())
     model.train(was_training)
     return torch.cat(probabilities)
 
