@@ -36,7 +36,6 @@ import gc
 import json
 import math
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -160,22 +159,6 @@ def shut_down(loader) -> None:
     time.sleep(0.5)
 
 
-def cpu_name() -> str:
-    """The CPU's model name and its vector flags, as every figure is recorded with (STYLE.md)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine()
-    model = next(
-        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), ""
-    )
-    flags = set(
-        next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    )
-    vector = [flag for flag in ("avx2", "avx512f", "avx512_bf16") if flag in flags]
-    return f"{model or platform.machine()} ({' '.join(vector) or 'no AVX2'})"
-
-
 def torchvision_loader(folder: str, size: int, batch_size: int, workers: int):
     """The real thing: torchvision's ImageFolder + RandomResizedCrop + flip + ToTensor + Normalize."""
     from torchvision import datasets
@@ -228,6 +211,7 @@ def main() -> None:
     if args.measure_torchvision:
         return measure_torchvision(args)
     from trickbag.decode import choose_decoder
+    from trickbag.hardware import cpu_info
     from trickbag.streaming import StreamingLoader
 
     with tempfile.TemporaryDirectory() as folder:
@@ -258,7 +242,8 @@ def main() -> None:
         step = (
             args.step_ms / 1e3 if args.step_ms else args.batch_size / free[f"trickbag streaming, {best}"] * 2
         )
-        print(f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.images} 640x480 "
+        cpu = cpu_info()  # model name and vector flags, as every figure is recorded with
+        print(f"{cpu['model']} ({' '.join(cpu['flags']) or 'no AVX2'}), {os.cpu_count()} cores, torch {torch.__version__}, {args.images} 640x480 "
               f"JPEGs ({args.images_from}) -> RRC {args.size}² + flip, batch {args.batch_size}, {args.workers} workers, "
               f"{args.epochs} epochs timed per loader")  # fmt: skip
         print(f"simulated model step {step * 1e3:.0f} ms per batch")

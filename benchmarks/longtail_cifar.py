@@ -147,7 +147,11 @@ def main() -> int:
         threads = next(
             (item.split("=", 1)[1] for item in args.set if item.startswith("threads=")), "recipe's 1"
         )
-        print(f"CPU: {_cpu_model()}, torch {torch.__version__}, training threads: {threads}")
+        from trickbag.hardware import cpu_info
+
+        print(
+            f"CPU: {cpu_info()['model']} x{os.cpu_count()}, torch {torch.__version__}, training threads: {threads}"
+        )
         (tmp / "runs").mkdir()
         methods = {
             name: o for name, o in METHODS.items() if not args.only or any(s in name for s in args.only)
@@ -182,16 +186,6 @@ def main() -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" x{os.cpu_count()}"
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores"
 
 
 def _mean(rows: list[dict], key: str) -> float:
