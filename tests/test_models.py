@@ -236,3 +236,29 @@ def test_cifar_fast_whitened_stem_is_fitted_once_and_trains():
     clone.load_state_dict(model.state_dict())
     clone(torch.randn(5, 3, 32, 32))
     assert torch.equal(clone.features[0].conv.weight, fitted)  # a checkpoint is never re-fitted
+
+
+def test_cifar_fast_depth_per_width():
+    """``depth`` as one int per width: that many conv-BN-ReLU blocks in each group, and errors that say why."""
+    from trickbag.models import CifarFastNet
+
+    def conv_counts(model):  # conv blocks after each maxpool, and the last block's width
+        counts, last_width = [], None
+        for layer in model.features:
+            if isinstance(layer, torch.nn.MaxPool2d):
+                counts.append(0)
+            elif isinstance(layer, torch.nn.Sequential) and isinstance(layer[0], torch.nn.Conv2d):
+                counts[-1] += 1
+                last_width = layer[0].out_channels
+        return counts, last_width
+
+    counts, last_width = conv_counts(CifarFastNet(10, widths=(8, 16), stem_width=8, depth=[1, 3]))
+    assert counts[-2:] == [1, 3] and last_width == 16
+    assert conv_counts(CifarFastNet(10, widths=(8, 16), stem_width=8, depth=2))[0][-2:] == [2, 2]
+    assert CifarFastNet(10, widths=(8, 16), stem_width=8, depth=[1, 3])(torch.randn(2, 3, 32, 32)).shape == (
+        2,
+        10,
+    )
+    for bad in ([1], [1, 2, 3], [0, 2]):
+        with pytest.raises(ValueError, match="depth must be an int >= 1 or one such int per width"):
+            CifarFastNet(10, widths=(8, 16), depth=bad)

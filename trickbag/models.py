@@ -262,8 +262,9 @@ class CifarFastNet(nn.Module):
     ``whiten=True`` a frozen 2x2 ``PatchWhitening`` fitted on the first training batch (2 * C * 4 channels;
     worse here, so off by default). ``stem_init="whiten"`` keeps the trained stem but starts it as the whitening
     filters of the first batch's patches (the leading ``stem_width / 2`` eigenvectors and their negations):
-    +0.6 points after 4 CPU epochs. Then per width: maxpool 2 -> ``depth`` x (conv3x3-BN-ReLU); global max
-    pool; linear (no bias) / ``temperature``. ReLU, not GELU: cheaper on CPU. ``pool_first=True`` moves the
+    +0.6 points after 4 CPU epochs. Then per width: maxpool 2 -> ``depth`` x (conv3x3-BN-ReLU), ``depth`` one
+    int or one per width (``[1, 2]`` drops the costliest 8x8 conv: ~25% less time a step, 79.3 vs 80.7% at 4
+    epochs); global max pool; linear (no bias) / ``temperature``. ReLU, not GELU: cheaper on CPU. ``pool_first=True`` moves the
     first maxpool between the stem conv and its BN (airbench's conv -> pool -> BN -> act order): the stem's
     BN and ReLU then see 4x fewer elements (~5% faster on 2 CPU cores, same accuracy in the recipe).
     (N, C, H, W) -> (N, num_classes); H, W divisible by 2 ** (len(widths) + 1).
@@ -275,7 +276,7 @@ class CifarFastNet(nn.Module):
         in_channels: int = 3,
         widths: Sequence[int] = (64, 128),
         stem_width: int = 32,
-        depth: int = 2,
+        depth: int | Sequence[int] = 2,
         temperature: float = 4.0,
         whiten: bool = False,
         stem_kernel: int = 4,
@@ -292,9 +293,11 @@ class CifarFastNet(nn.Module):
                 "stem_init='whiten' initialises the trained stem (whiten=False) from the patch whitening: "
                 f"stem_width must be even and <= {2 * in_channels * stem_kernel**2}, got {stem_width!r}"
             )
-        if len(widths) < 1 or depth < 1:
+        depths = [depth] * len(widths) if isinstance(depth, int) else list(depth)
+        if len(widths) < 1 or len(depths) != len(widths) or any(d < 1 for d in depths):
             raise ValueError(
-                f"widths must list at least one width and depth must be >= 1, got {widths!r}, {depth!r}"
+                "widths must list at least one width and depth must be an int >= 1 or one such int per "
+                f"width, got widths={widths!r}, depth={depth!r}"
             )
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
@@ -331,7 +334,7 @@ class CifarFastNet(nn.Module):
         for i, width in enumerate(widths):
             if not (i == 0 and pool_first):
                 layers.append(nn.MaxPool2d(2))
-            for _ in range(depth):
+            for _ in range(depths[i]):
                 layers.append(conv_bn(channels, int(width)))
                 channels = int(width)
         self.features = nn.Sequential(*layers)
