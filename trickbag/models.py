@@ -264,9 +264,10 @@ class CifarFastNet(nn.Module):
     filters of the first batch's patches (the leading ``stem_width / 2`` eigenvectors and their negations):
     +0.6 points after 4 CPU epochs. Then per width: maxpool 2 -> ``depth`` x (conv3x3-BN-ReLU), ``depth`` one
     int or one per width (``[1, 2]`` drops the costliest 8x8 conv: ~25% less time a step, 79.3 vs 80.7% at 4
-    epochs); global max pool; linear (no bias) / ``temperature``. ReLU, not GELU: cheaper on CPU. ``pool_first=True`` moves the
-    first maxpool between the stem conv and its BN (airbench's conv -> pool -> BN -> act order): the stem's
-    BN and ReLU then see 4x fewer elements (~5% faster on 2 CPU cores, same accuracy in the recipe).
+    epochs); global max pool; linear (no bias) / ``temperature``. ReLU, not GELU: cheaper on CPU.
+    ``pool_first=True`` moves the first maxpool between the stem conv and its BN (airbench's conv -> pool -> BN
+    -> act order): the stem's BN and ReLU then see 4x fewer elements (~5% faster on 2 CPU cores, same accuracy
+    in the recipe).
     (N, C, H, W) -> (N, num_classes); H, W divisible by 2 ** (len(widths) + 1).
     """
 
