@@ -96,9 +96,15 @@ def test_bad_arguments():
         build_model("digits_cnn", 10, in_channels=0)
     with pytest.raises(TypeError, match="model name must be a str"):
         build_model(None, 10)
-    with pytest.raises(ValueError, match=r"model 'airbench': bad options \['widht'\]"):
+    from trickbag.models import ModelOptionError
+
+    with pytest.raises(
+        ModelOptionError, match=r"model 'airbench' has no option 'widht'; did you mean 'widths'\?"
+    ):
         build_model("airbench", 10, widht=3)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ModelOptionError, match="Its options: widths, .*temperature"):
+        build_model("airbench", 10, zzz=3)
+    with pytest.raises(ModelOptionError, match="model 'airbench': temperature must be > 0"):
         build_model("airbench", 10, temperature=0)
     with pytest.raises(ValueError, match="widths must list at least one width"):
         build_model("cifar_fast", 10, widths=[])

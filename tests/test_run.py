@@ -117,6 +117,22 @@ def test_metrics_the_run_cannot_compute_are_rejected_before_training(tmp_path, c
     assert not list(out.glob("*/last"))  # failed before the first epoch
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "model.options.widht=8",
+            "model.options: model 'digits_cnn' has no option 'widht'; did you mean 'width'?",
+        ),
+        ("model.options.dropout=2", "model.options: model 'digits_cnn': dropout"),
+    ],
+)
+def test_a_refused_model_option_is_named_with_its_config_path(tmp_path, capsys, override, message):
+    out = tmp_path / "runs"
+    assert main(["train", DIGITS, *TINY, f"output_dir={out}", override, "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_top_k_that_fits_is_computed_and_chooses(tmp_path):
     assert requested_top_k(load_config(DIGITS, ["eval.best_metric=top3_accuracy"]), 10) == (3,)
     run_dir = train(tmp_path, "eval.best_metric=top3_accuracy")

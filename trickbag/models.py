@@ -12,6 +12,7 @@ other input statistics).
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
@@ -389,6 +390,10 @@ def _build_torchvision(name: str, num_classes: int, in_channels: int, options: d
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **options)
 
 
+class ModelOptionError(ValueError):
+    """A model's constructor refused its options (unknown keyword or bad value); the message names the option."""
+
+
 def build_model(name: str, num_classes: int, *, in_channels: int = 3, **options) -> nn.Module:
     """Build an untrained classifier by name.
 
@@ -397,7 +402,8 @@ def build_model(name: str, num_classes: int, *, in_channels: int = 3, **options)
         num_classes: outputs of the final layer.
         in_channels: image channels (1 for greyscale digits).
         **options: the model's constructor keywords (e.g. ``width=32`` for ``resnet18_cifar``,
-            ``widths=[64, 256, 256]`` for ``airbench``); unknown keywords are an error.
+            ``widths=[64, 256, 256]`` for ``airbench``); an unknown keyword or a value the constructor refuses
+            raises ``ModelOptionError`` (a ValueError) naming the model and the option.
 
     Returns:
         an ``nn.Module`` mapping (N, in_channels, H, W) float to (N, num_classes) logits.
@@ -417,11 +423,22 @@ def build_model(name: str, num_classes: int, *, in_channels: int = 3, **options)
         near = difflib.get_close_matches(name, list(_BUILDERS), n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
         raise ValueError(f"unknown model name {name!r}{hint} Known: {', '.join(MODEL_NAMES)}")
+    parameters = inspect.signature(builder).parameters
+    known = [key for key in parameters if key not in ("num_classes", "in_channels")]
+    open_ended = any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters.values())
+    for key in options:
+        if (
+            key not in known and not open_ended
+        ):  # a misspelt option names itself, not a bare constructor TypeError
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ModelOptionError(
+                f"model {name!r} has no option {key!r}{hint} Its options: {', '.join(known)}"
+            )
     try:
         return builder(num_classes, in_channels, **options)
-    except TypeError as error:
-        # A misspelt option should name the option, not surface as a bare constructor TypeError.
-        raise ValueError(f"model {name!r}: bad options {sorted(options)}: {error}") from error
+    except (TypeError, ValueError) as error:
+        raise ModelOptionError(f"model {name!r}: {error}") from error
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -122,9 +122,12 @@ def match_channels(images, channels: int):
 def build_model_for(cfg, num_classes: int, in_channels: int, device):
     import torch
 
-    from trickbag.models import build_model
+    from trickbag.models import ModelOptionError, build_model
 
-    model = build_model(cfg.model.name, num_classes, in_channels=in_channels, **cfg.model.options)
+    try:
+        model = build_model(cfg.model.name, num_classes, in_channels=in_channels, **cfg.model.options)
+    except ModelOptionError as error:  # say where in the config the refused value sits
+        raise ValueError(f"model.options: {error}") from error
     if cfg.model.zero_init_residual_bn:
         from trickbag.init import zero_init_residual_bn
 
