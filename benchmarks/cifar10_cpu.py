@@ -33,6 +33,7 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -171,6 +172,12 @@ def cost_s(run: dict) -> float:
     return run["train_s"] + run.get("test_s", 0.0)
 
 
+def paired_ratios(runs: list[dict], tutorial_runs: list[dict]) -> list[float]:
+    """``cost_s`` of each run over the tutorial run of the same repeat (run back to back, so under about the same
+    load): the spread says how far one run's ratio can be trusted on this machine."""
+    return [cost_s(run) / cost_s(tutorial) for run, tutorial in zip(runs, tutorial_runs, strict=True)]
+
+
 def fastest(runs: list[dict]) -> dict:
     """The run with the smallest ``cost_s``, with ``accuracy`` replaced by the mean over ``runs``."""
     best = dict(min(runs, key=cost_s))
@@ -224,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats",
         type=int,
         default=1,
-        help="run every side this many times, interleaved, and keep each side's fastest time (shared machines)",
+        help="run every side this many times, interleaved, and keep each side's fastest time (shared machines); "
+        "also prints each repeat's paired ratio",
     )
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for trickbag train")
     args = parser.parse_args(argv)
@@ -287,6 +295,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{name[:16]:16s} {result['epochs']:7.1f} {result['train_s']:8.1f} {result.get('test_s', 0):7.1f} "
             f"{wall:>7s} {result['accuracy']:9.2%} {ratio:>16s}  {result.get('settings', '-')}"
         )
+    if tutorial and args.repeats > 1:
+        print("paired ratios (each repeat's run over the tutorial run beside it): min / median / max")
+        for name, side_runs in runs.items():
+            if name != "tutorial":
+                ratios = sorted(paired_ratios(side_runs, runs["tutorial"]))
+                listed = " ".join(f"{ratio:.2f}" for ratio in ratios)
+                print(
+                    f"  {name[:16]:16s} {ratios[0]:.2f}x / {statistics.median(ratios):.2f}x / {ratios[-1]:.2f}x"
+                    f"  ({listed})"
+                )
     return 0
 
 
