@@ -12,14 +12,8 @@ import torch
 from PIL import Image
 
 from trickbag.cli import main
-from trickbag.models import (
-    BackboneFreezer,
-    Renormalized,
-    build_model,
-    load_pretrained,
-    read_weights,
-    save_weights,
-)
+from trickbag.finetune import BackboneFreezer, Renormalized, load_pretrained, read_weights, save_weights
+from trickbag.models import build_model
 from trickbag.optim import build_optimizer, head_parameter_names, param_groups
 from trickbag.schedules import Scheduler
 

@@ -105,7 +105,7 @@ class ModelConfig(_Section):
     zero_init_residual_bn: bool = False
     identity_init: bool = False  # Dirac-init stride-1 convs (trickbag.init.identity_init_convs; plain nets)
     # Fine-tuning: weights from a file (safetensors, a weights-only state dict, or a trickbag checkpoint folder);
-    # the classifier head is replaced for the run's classes (trickbag.models.load_pretrained). Nothing downloads.
+    # the classifier head is replaced for the run's classes (trickbag.finetune.load_pretrained). Nothing downloads.
     pretrained: str | None = None
     freeze_backbone_epochs: int = Field(0, ge=0)  # train only the head for this many epochs first
 

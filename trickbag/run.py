@@ -191,10 +191,10 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
     from trickbag import data, distributed, streaming
     from trickbag.checkpoint import Checkpointer
     from trickbag.config import build_optimizer_from_config, build_scheduler, config_to_dict, config_to_yaml
+    from trickbag.finetune import BackboneFreezer
     from trickbag.losses import class_weights
     from trickbag.metrics import ClassificationMetrics
     from trickbag.metrics.advice import advise
-    from trickbag.models import BackboneFreezer
     from trickbag.precision import Precision
     from trickbag.runlog import RunLogger
     from trickbag.train import Loaders, Parts
@@ -402,7 +402,7 @@ def input_statistics(cfg, model, train_set, log=print) -> tuple[list[float], lis
 
     stored = None
     if cfg.model.pretrained:
-        from trickbag.models import load_pretrained
+        from trickbag.finetune import load_pretrained
 
         loaded = load_pretrained(model, cfg.model.pretrained)
         stored = loaded["normalization"]
@@ -422,7 +422,7 @@ def teacher_for(cfg, device, mean, std):
     """The distillation teacher in eval mode (None without one), fed inputs in its own normalisation."""
     if not cfg.distill.teacher:
         return None
-    from trickbag.models import Renormalized
+    from trickbag.finetune import Renormalized
 
     teacher, ckpt = load_model(cfg.distill.teacher, device)
     own = [float(v) for v in ckpt.meta["mean"]], [float(v) for v in ckpt.meta["std"]]

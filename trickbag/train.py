@@ -67,7 +67,7 @@ class Parts:
     teacher: nn.Module | None = None
     checkpointer: Any | None = None  # trickbag.checkpoint.Checkpointer
     logger: RunLogger = field(default_factory=RunLogger)
-    freezer: Any | None = None  # trickbag.models.BackboneFreezer: set_epoch(epoch) at each epoch start
+    freezer: Any | None = None  # trickbag.finetune.BackboneFreezer: set_epoch(epoch) at each epoch start
 
 
 @dataclass
