@@ -199,13 +199,7 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
     from trickbag.runlog import RunLogger
     from trickbag.train import Loaders, Parts
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.deterministic:
-        # cuBLAS needs a fixed workspace for deterministic matmuls; it must be set before CUDA starts.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    apply_runtime_settings(cfg)
     # Under torchrun (a process group with world > 1): rank 0 alone writes files; each rank has its device.
     rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
@@ -240,6 +234,90 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
     attach_posthoc_adjustment(model, cfg, counts.tolist())  # before the EMA copies the model (and its hook)
     common = {"device": device, "mean": mean, "std": std, "channels_last": cfg.data.channels_last,
               "rank": rank, "world_size": world}  # fmt: skip
+    train_loader = train_loader_for(cfg, train_set, common, logger.info)
+    # Evaluation has no backward pass: larger batches cost no more memory than a training step.
+    eval_batch = max(cfg.batch_size, 256)
+    val_loader, test_loader = (
+        None if imageset is None
+        else streaming.loader_for(cfg.data, imageset, train=False, batch_size=eval_batch, **common) if streamed
+        else data.BatchLoader.for_eval(imageset.images, imageset.labels, batch_size=eval_batch, **common)
+        for imageset in (val_set, test_set)
+    )  # fmt: skip
+    # The linear scaling rule sees the global batch: per process x accumulate x processes.
+    optimizer = build_optimizer_from_config(model, cfg.optimizer, cfg.effective_batch_size * world)
+    updates_per_epoch = math.ceil(len(train_loader) / cfg.accumulate)
+    scheduler = build_scheduler(optimizer, cfg.schedule, steps_per_epoch=updates_per_epoch, epochs=cfg.epochs)
+    weight = None
+    if cfg.loss.class_weights != "none":
+        weight = class_weights(counts, method=cfg.loss.class_weights, beta=cfg.loss.beta)
+    loss_fn = loss_from_config(cfg, num_classes, weight, class_counts=counts.tolist())
+    mixer = mixer_from_config(cfg, num_classes)
+    ema = None
+    if cfg.train.ema_decay is not None:
+        from trickbag.ema import ModelEMA
+
+        ema = ModelEMA(model, cfg.train.ema_decay)
+    precision = Precision(cfg.precision, device)
+    # After the EMA's copy, which stays uncompiled; in place, so the state_dict keys are unchanged.
+    if hardware["compile"]:
+        compile_for_run(cfg, model, image_shape, device, precision, hardware, logger.info)
+    teacher = teacher_for(cfg, device, mean, std)
+    meta = {
+        "config": config_to_dict(cfg),
+        "classes": classes,
+        "image_shape": image_shape,
+        "preprocess": streaming.preprocessing(cfg.data, image_shape),  # eval/predict fit any photo like this
+        "mean": mean,
+        "std": std,
+        "class_weights": weight.tolist() if weight is not None else None,  # so `eval` computes the same loss
+        "class_counts": counts.tolist(),  # training label counts: priors, LDAM margins, post-hoc adjustment
+        "updates_per_epoch": updates_per_epoch,  # with base_lr: `trickbag report` redraws the LR per update
+        "base_lr": float(optimizer.param_groups[0]["initial_lr"]),
+        "hardware": hardware,  # the probe's choice of precision / layout / compile, and its timings
+    }
+    if world > 1:
+        meta["world_size"] = world  # informative: a resume may use another number of processes
+    if main:
+        (run_dir / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
+    log_run_summary(cfg, run_dir, device, world, (train_set, val_set, test_set), logger.info)
+    parts = Parts(
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        precision=precision,
+        metrics=ClassificationMetrics(num_classes, class_names=classes, top_k=top_k, zero_division=0.0),
+        mixer=mixer,
+        ema=ema,
+        teacher=teacher,
+        checkpointer=Checkpointer(run_dir, meta, keep_last=2),  # an older `last` to fall back on
+        logger=logger,
+        freezer=BackboneFreezer(model, cfg.model.freeze_backbone_epochs, optimizer=optimizer)
+        if cfg.model.freeze_backbone_epochs
+        else None,
+    )
+    return Run(cfg, run_dir, model, Loaders(train_loader, val_loader, test_loader), parts, classes)
+
+
+def apply_runtime_settings(cfg) -> None:
+    """Threads and deterministic algorithms, process-wide, before anything is built."""
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        # cuBLAS needs a fixed workspace for deterministic matmuls; it must be set before CUDA starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def train_loader_for(cfg, train_set, common: dict[str, Any], log=print):
+    """The training loader: ``BatchLoader`` over the decoded images, or the streaming loader when the set was
+    left on disk; checks the options that need the in-memory one. ``common``: device, mean/std, layout, shard."""
+    from trickbag import data, streaming
+
+    world = common["world_size"]
+    streamed = train_set.images is None
     if world > 1 and len(train_set) < cfg.batch_size * world:
         raise ValueError(
             f"{len(train_set)} training images are fewer than one global batch (batch_size={cfg.batch_size} "
@@ -255,9 +333,7 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
             data.check_sizes(cfg.data.train_sizes, tuple(train_set.images.shape[2:]))
         except ValueError as error:
             raise ValueError(f"data.train_sizes: {error}") from None
-        logger.info(
-            f"progressive resizing: training images at {cfg.data.train_sizes} per epoch (the last repeats)"
-        )
+        log(f"progressive resizing: training images at {cfg.data.train_sizes} per epoch (the last repeats)")
     if streamed and cfg.data.sampling != "none":  # in_memory=auto chose to stream this (large) training set
         raise ValueError(
             f"data.sampling={cfg.data.sampling!r} needs the in-memory loader, but this training set is streamed "
@@ -268,7 +344,7 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
             cfg.data, train_set, train=True, batch_size=cfg.batch_size, seed=cfg.seed,
             drop_last=len(train_set) >= cfg.batch_size or world > 1, **common,
         )  # fmt: skip
-        logger.info(
+        log(
             f"streaming {len(train_set)} training images, decoded per batch by {train_loader.num_workers} worker "
             "process(es); "
             f"JPEG decoder: {train_loader.decoder}"
@@ -288,107 +364,67 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
             sizes=cfg.data.train_sizes,
             **common,
         )
-    # Evaluation has no backward pass: larger batches cost no more memory than a training step.
-    eval_batch = max(cfg.batch_size, 256)
-    val_loader, test_loader = (
-        None if imageset is None
-        else streaming.loader_for(cfg.data, imageset, train=False, batch_size=eval_batch, **common) if streamed
-        else data.BatchLoader.for_eval(imageset.images, imageset.labels, batch_size=eval_batch, **common)
-        for imageset in (val_set, test_set)
-    )  # fmt: skip
-    # The linear scaling rule sees the global batch: per process x accumulate x processes.
-    optimizer = build_optimizer_from_config(model, cfg.optimizer, cfg.effective_batch_size * world)
-    updates_per_epoch = math.ceil(len(train_loader) / cfg.accumulate)
-    scheduler = build_scheduler(optimizer, cfg.schedule, steps_per_epoch=updates_per_epoch, epochs=cfg.epochs)
-    weight = None
-    if cfg.loss.class_weights != "none":
-        weight = class_weights(counts, method=cfg.loss.class_weights, beta=cfg.loss.beta)
-    loss_fn = loss_from_config(cfg, num_classes, weight, class_counts=counts.tolist())
-    mixer = None
-    if cfg.mixing.enabled:
-        from trickbag.mixing import BatchMixer
+    return train_loader
 
-        m = cfg.mixing
-        mixer = BatchMixer(
-            num_classes=num_classes,
-            mixup_alpha=m.mixup_alpha,
-            cutmix_alpha=m.cutmix_alpha,
-            fmix_alpha=m.fmix_alpha,
-            prob=m.prob,
-            mode=m.mode,
-            label_smoothing=cfg.loss.label_smoothing,
-            smoothing_style=cfg.loss.smoothing_style,
-            off_epoch=m.off_epoch,
-            seed=cfg.seed,
-        )
-    ema = None
-    if cfg.train.ema_decay is not None:
-        from trickbag.ema import ModelEMA
 
-        ema = ModelEMA(model, cfg.train.ema_decay)
-    precision = Precision(cfg.precision, device)
-    # After the EMA's copy, which stays uncompiled; in place, so the state_dict keys are unchanged.
-    if hardware["compile"]:
-        from trickbag.compile import compile_model
+def mixer_from_config(cfg, num_classes: int):
+    """``trickbag.mixing.BatchMixer`` for ``cfg.mixing``, or None when no mixing is enabled."""
+    if not cfg.mixing.enabled:
+        return None
+    from trickbag.mixing import BatchMixer
 
-        generator = torch.Generator().manual_seed(0)  # not the global RNG: compiling changes no random draw
-        example = torch.randn(cfg.batch_size, *image_shape, generator=generator).to(device)
-        if cfg.data.channels_last:
-            example = example.contiguous(memory_format=torch.channels_last)
-        hardware["compile"], message = compile_model(model, example, autocast=precision.autocast)
-        hardware["compile_message"] = message
-        logger.info(f"compile: {hardware['compile_reason']}; {message}")
-    teacher = teacher_for(cfg, device, mean, std)
-    meta = {
-        "config": config_to_dict(cfg),
-        "classes": classes,
-        "image_shape": image_shape,
-        "preprocess": streaming.preprocessing(cfg.data, image_shape),  # eval/predict fit any photo like this
-        "mean": mean,
-        "std": std,
-        "class_weights": weight.tolist() if weight is not None else None,  # so `eval` computes the same loss
-        "class_counts": counts.tolist(),  # training label counts: priors, LDAM margins, post-hoc adjustment
-        "updates_per_epoch": updates_per_epoch,  # with base_lr: `trickbag report` redraws the LR per update
-        "base_lr": float(optimizer.param_groups[0]["initial_lr"]),
-        "hardware": hardware,  # the probe's choice of precision / layout / compile, and its timings
-    }
+    m = cfg.mixing
+    return BatchMixer(
+        num_classes=num_classes,
+        mixup_alpha=m.mixup_alpha,
+        cutmix_alpha=m.cutmix_alpha,
+        fmix_alpha=m.fmix_alpha,
+        prob=m.prob,
+        mode=m.mode,
+        label_smoothing=cfg.loss.label_smoothing,
+        smoothing_style=cfg.loss.smoothing_style,
+        off_epoch=m.off_epoch,
+        seed=cfg.seed,
+    )
+
+
+def compile_for_run(cfg, model, image_shape, device, precision, hardware: dict[str, Any], log=print) -> None:
+    """Compile ``model`` in place (one forward+backward now); on failure ``hardware["compile"]`` turns False
+    and the run trains uncompiled, saying why in one line."""
+    import torch
+
+    from trickbag.compile import compile_model
+
+    generator = torch.Generator().manual_seed(0)  # not the global RNG: compiling changes no random draw
+    example = torch.randn(cfg.batch_size, *image_shape, generator=generator).to(device)
+    if cfg.data.channels_last:
+        example = example.contiguous(memory_format=torch.channels_last)
+    hardware["compile"], message = compile_model(model, example, autocast=precision.autocast)
+    hardware["compile_message"] = message
+    log(f"compile: {hardware['compile_reason']}; {message}")
+
+
+def log_run_summary(cfg, run_dir: Path, device, world: int, sets, log=print) -> None:
+    """What the run will do, in a few lines: processes, sizes, model, device, and what has no val / test set."""
+    train_set, val_set, test_set = sets
+    num_classes = len(train_set.classes)
     if world > 1:
-        meta["world_size"] = world  # informative: a resume may use another number of processes
-    if main:
-        (run_dir / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
-    if world > 1:
-        logger.info(
+        log(
             f"{world} processes: batch_size {cfg.batch_size} per process, global batch per update "
             f"{cfg.effective_batch_size * world}; BatchNorm "
             + ("synchronised (train.sync_bn)" if cfg.train.sync_bn else "per process (train.sync_bn=false)")
         )
-    logger.info(
+    log(
         f"run {run_dir}: {len(train_set)} train / {_count(val_set)} val / {_count(test_set)} test images, "
         f"{num_classes} classes, model {cfg.model.name}, device {device}, best metric {cfg.eval.best_metric} "
         "(chosen on val, reported on test)"
     )
     if val_set is None:
-        logger.info(
+        log(
             "no validation set (data.val_fraction=0 and no val folder): only `last` is kept, nothing is chosen"
         )
     if test_set is None:
-        logger.info("no test set (no test folder / data.test_csv): the run reports validation scores only")
-    parts = Parts(
-        loss_fn=loss_fn,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        precision=precision,
-        metrics=ClassificationMetrics(num_classes, class_names=classes, top_k=top_k, zero_division=0.0),
-        mixer=mixer,
-        ema=ema,
-        teacher=teacher,
-        checkpointer=Checkpointer(run_dir, meta, keep_last=2),  # an older `last` to fall back on
-        logger=logger,
-        freezer=BackboneFreezer(model, cfg.model.freeze_backbone_epochs, optimizer=optimizer)
-        if cfg.model.freeze_backbone_epochs
-        else None,
-    )
-    return Run(cfg, run_dir, model, Loaders(train_loader, val_loader, test_loader), parts, classes)
+        log("no test set (no test folder / data.test_csv): the run reports validation scores only")
 
 
 def input_statistics(cfg, model, train_set, log=print) -> tuple[list[float], list[float]]:
