@@ -102,7 +102,9 @@ def test_bad_arguments():
         ModelOptionError, match=r"model 'airbench' has no option 'widht'; did you mean 'widths'\?"
     ):
         build_model("airbench", 10, widht=3)
-    with pytest.raises(ModelOptionError, match="Its options: widths, .*temperature"):
+    with pytest.raises(
+        ModelOptionError, match=r"model 'airbench' has no option 'zzz' \(its options: widths, .*temperature"
+    ):
         build_model("airbench", 10, zzz=3)
     with pytest.raises(ModelOptionError, match="model 'airbench': temperature must be > 0"):
         build_model("airbench", 10, temperature=0)

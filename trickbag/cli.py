@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "trickbag.commands.mix",
     "trickbag.commands.recipes",
     "trickbag.commands.cache",
+    "trickbag.commands.hardware",
 )
 
 EPILOG = """examples:
@@ -37,6 +38,7 @@ EPILOG = """examples:
   trickbag resume runs/digits-001                    continue a stopped run
   trickbag predict runs/digits-001/best_metric IMAGES --out predictions.csv
   trickbag inspect /data/cifar10/train               class balance and which metric to trust
+  trickbag hardware                                  this CPU, and the precision a recipe gets on it
   trickbag <command> --help                          options and examples of one command
 """
 

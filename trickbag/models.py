@@ -421,15 +421,13 @@ def build_model(name: str, num_classes: int, *, in_channels: int = 3, **options)
     parameters = inspect.signature(builder).parameters
     known = [key for key in parameters if key not in ("num_classes", "in_channels")]
     open_ended = any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters.values())
-    for key in options:
-        if (
-            key not in known and not open_ended
-        ):  # a misspelt option names itself, not a bare constructor TypeError
-            near = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise ModelOptionError(
-                f"model {name!r} has no option {key!r}{hint} Its options: {', '.join(known)}"
-            )
+    unknown = [key for key in options if key not in known and not open_ended]
+    if unknown:  # a misspelt option names itself, not a bare constructor TypeError
+        near = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ModelOptionError(
+            f"model {name!r} has no option {unknown[0]!r}{hint} (its options: {', '.join(known)})"
+        )
     try:
         return builder(num_classes, in_channels, **options)
     except (TypeError, ValueError) as error:
