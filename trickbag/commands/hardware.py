@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 EPILOG = """examples:
   trickbag hardware                          this machine, and cifar10_fast's model probed on it
@@ -56,7 +57,8 @@ def handle_hardware(args) -> int:
 
     cfg = load_config(recipe_path(args.recipe), args.overrides)
     device = resolve_device(cfg.device)
-    console = Console(width=None if console_is_terminal() else 120, markup=False, highlight=False)
+    # Not a terminal (a pipe, CI): a fixed width, so the table is not wrapped to 80 columns.
+    console = Console(width=None if sys.stdout.isatty() else 120, markup=False, highlight=False)
     info = hardware.device_info(device)
     if device.type == "cuda":
         console.print(f"GPU: {info['model']} (compute capability {info['capability']}, bf16: {info['bf16']})")
@@ -98,9 +100,3 @@ def handle_hardware(args) -> int:
     if choice["warning"]:
         console.print(choice["warning"])
     return 0
-
-
-def console_is_terminal() -> bool:
-    import sys
-
-    return sys.stdout.isatty()
