@@ -6,8 +6,8 @@
   https://arxiv.org/abs/1812.01187).
 * Identity (Dirac) init of plain convolutions, for nets without shortcuts: airbench's trick (Jordan 2024,
   https://arxiv.org/abs/2404.00498) of setting the first ``in_channels`` filters of each conv to pass its input
-  through, so a deep plain stack starts as a shallow one. On cifar10_fast (4 CPU epochs, 7 seeds): +0.33 points
-  [+0.04, +0.62], too small for the sign test to call (docs/ablation-cifar10-v2).
+  through, so a deep plain stack starts as a shallow one. On cifar10_fast (4 CPU epochs, leave-one-out over 10
+  seeds): +0.32 points [+0.18, +0.45], Holm p 0.012 (docs/ablation-cifar10-v3).
 """
 
 from __future__ import annotations
