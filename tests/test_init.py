@@ -124,7 +124,7 @@ def test_identity_init_on_cifar_fast_and_bad_input():
 def test_config_identity_init_applies_and_names_the_key(monkeypatch):
     from trickbag import models
     from trickbag.config import load_config
-    from trickbag.run import build_model_for
+    from trickbag.parts import build_model_for
 
     cfg = load_config(None, ["model.name=cifar_fast", "model.identity_init=true"])
     model = build_model_for(cfg, 10, 3, torch.device("cpu"))

@@ -279,7 +279,7 @@ def test_config_rejects_combinations_that_make_no_sense(overrides, message):
 
 
 def test_config_accepts_the_combinations_that_do():
-    from trickbag.run import loss_from_config, sampler_from_config
+    from trickbag.parts import loss_from_config, sampler_from_config
 
     cfg = load_config(None, ["loss.kind=ldam", "loss.class_weights=effective_number", "loss.drw_epoch=3"])
     loss = loss_from_config(cfg, 4, torch.ones(4), class_counts=COUNTS)

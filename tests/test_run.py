@@ -181,7 +181,7 @@ def test_an_early_stopped_run_resumes_without_training_and_extends_with_patience
 
 
 LIBRARY = ["losses", "optim", "schedules", "init", "precision", "mixing", "mixing_beta", "mixing_masks", "ema",
-           "data", "images", "models", "stats", "metrics/__init__", "metrics/classification", "metrics/ranking",
+           "data", "images", "models", "finetune", "stats", "metrics/__init__", "metrics/classification", "metrics/ranking",
            "metrics/regression", "metrics/advice", "metrics/plots", "metrics/_checks"]  # fmt: skip
 APPLICATION = {"trickbag.train", "trickbag.cli", "trickbag.config", "trickbag.checkpoint", "trickbag.run"}
 

@@ -9,11 +9,11 @@ import argparse
 import sys
 
 from trickbag.commands._common import imbalanced_counts, precision_runs, recall_table
+from trickbag.parts import loss_from_config
 from trickbag.run import (
     align_classes,
     load_datasets,
     load_model,
-    loss_from_config,
     match_channels,
     requested_top_k,
     resolve_device,
