@@ -268,6 +268,23 @@ def test_interrupted_run_is_resumed_not_restarted(tmp_path, monkeypatch):
                            f"output_dir={specs[1].folder}", "name=seed0", "threads=2", "--quiet"]  # fmt: skip
 
 
+def test_runs_start_seed_by_seed_across_arms_and_come_back_in_table_order(tmp_path, monkeypatch):
+    ablation = make(seeds=2)
+    started = []
+    monkeypatch.setattr(
+        ablation_runner,
+        "command_for",
+        lambda spec, recipe, run_dir, threads: started.append((spec.arm.name, spec.seed)) or ["false"],
+    )
+    outcomes = run_ablation(ablation, Path("r.yaml"), tmp_path, log=lambda _: None)
+    arms = [arm.name for arm in expand(ablation)]
+    assert len(arms) >= 2
+    assert started == [(arm, seed) for seed in (0, 1) for arm in arms]  # a slow spell hits every arm alike
+    assert [(o.spec.arm.name, o.spec.seed) for o in outcomes] == [
+        (arm, seed) for arm in arms for seed in (0, 1)
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the summary against scipy
 

@@ -203,7 +203,8 @@ def run_ablation(
     devices: list[str] | None = None,
     log=print,
 ) -> list[RunOutcome]:
-    """Run (or finish) every run of the plan, ``jobs`` at a time; returns one outcome per (arm, seed).
+    """Run (or finish) every run of the plan, ``jobs`` at a time, seed by seed across the arms; returns one outcome
+    per (arm, seed), in table order (``plan_runs``).
 
     Args:
         recipe: resolved base recipe file.
@@ -235,7 +236,11 @@ def run_ablation(
 
     running: list[_Slot] = []
     free_devices = list(devices or [])
-    queue, wall_times = list(todo), []
+    # Seed by seed across the arms (all arms of seed 0, then of seed 1, ...): a machine's slow spell or an
+    # interruption then falls on every arm alike, so the time column and a partial table stay paired.
+    seed_rank = {seed: rank for rank, seed in enumerate(ablation.seed_list)}
+    queue = sorted(todo, key=lambda item: (seed_rank[specs[item[0]].seed], item[0]))
+    wall_times: list[float] = []
     try:
         while queue or running:
             while queue and len(running) < jobs:
