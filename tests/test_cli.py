@@ -72,6 +72,7 @@ def test_hardware_probes_a_recipes_model_and_names_the_choice(capsys):
     out = capsys.readouterr().out
     assert "CPU: " in out and "flags that decide precision" in out
     assert "model digits_cnn of digits, fwd+bwd of 32 x 1x8x8" in out
+    assert "torch threads: 1" in out  # the recipe's threads, as train probes with them
     chosen = re.search(r"trickbag train would run precision=(\w+), data.channels_last=(\w+)", out)
     assert chosen and chosen.group(1) in ("fp32", "bf16")
     row = re.search(r"(\w+)/(\w+)\W+[\d.]+\W+[\d.]+x\W+chosen", out)  # the table marks the same candidate

@@ -51,11 +51,12 @@ def handle_hardware(args) -> int:
 
     from trickbag import hardware
     from trickbag.config import load_config
-    from trickbag.models import ModelOptionError, build_model
+    from trickbag.parts import apply_runtime_settings, build_model_for
     from trickbag.recipe_files import recipe_path
     from trickbag.run import resolve_device
 
     cfg = load_config(recipe_path(args.recipe), args.overrides)
+    apply_runtime_settings(cfg)  # the recipe's threads, as train has set them when it probes
     device = resolve_device(cfg.device)
     # Not a terminal (a pipe, CI): a fixed width, so the table is not wrapped to 80 columns.
     console = Console(width=None if sys.stdout.isatty() else 120, markup=False, highlight=False)
@@ -67,13 +68,9 @@ def handle_hardware(args) -> int:
         console.print(
             f"  flags that decide precision: {', '.join(info['flags']) or 'none of them (or unknown)'}"
         )
-        console.print(f"  torch kernels: {info['capability']}, {info['threads']} threads")
+        console.print(f"  torch kernels: {info['capability']}; torch threads: {info['threads']}")
     shape = probe_input_shape(cfg, args.channels, args.image_size)
-    try:
-        model = build_model(cfg.model.name, args.classes, in_channels=shape[0], **cfg.model.options)
-    except ModelOptionError as error:
-        raise ValueError(f"model.options: {error}") from error
-    model = model.to(device)
+    model = build_model_for(cfg, args.classes, shape[0], device)  # the run's model, initialisation and layout
     batch = min(cfg.batch_size, hardware.PROBE_BATCH)
     choice = hardware.choose(model, shape, device, precision=cfg.precision,
                              channels_last=cfg.data.channels_last, batch_size=batch)  # fmt: skip
