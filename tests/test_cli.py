@@ -2,6 +2,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from trickbag import __version__
 from trickbag.cli import main
 
@@ -112,5 +114,8 @@ def test_hardware_input_shape_and_errors(capsys):
         3, 64, 64,
     )  # fmt: skip
     assert probe_input_shape(folder, 1, 16) == (1, 16, 16)
+    for channels, size in ((0, None), (None, 0), (3, -2)):
+        with pytest.raises(ValueError, match="--channels and --image-size must be >= 1"):
+            probe_input_shape(folder, channels, size)
     assert main(["hardware", "cifar10_fast", "model.options.stemm=2"]) == 2
     assert "model.options: model 'cifar_fast' has no option 'stemm'" in capsys.readouterr().err

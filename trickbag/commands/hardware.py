@@ -38,8 +38,9 @@ def register(subparsers) -> None:
 def probe_input_shape(cfg, channels: int | None, image_size: int | None) -> tuple[int, int, int]:
     """(C, H, W) of the probe's inputs: the options when given, else what the config's data would give."""
     digits = cfg.data.kind == "digits"
-    channels = channels or (1 if digits else 3)
-    side = image_size or cfg.data.image_size or (8 if digits else 32)
+    if channels is None:
+        channels = 1 if digits else 3
+    side = image_size if image_size is not None else cfg.data.image_size or (8 if digits else 32)
     if channels < 1 or side < 1:
         raise ValueError(f"--channels and --image-size must be >= 1, got {channels} and {side}")
     return channels, side, side
@@ -56,6 +57,7 @@ def handle_hardware(args) -> int:
     from trickbag.run import resolve_device
 
     cfg = load_config(recipe_path(args.recipe), args.overrides)
+    shape = probe_input_shape(cfg, args.channels, args.image_size)  # a bad size fails before any output
     apply_runtime_settings(cfg)  # the recipe's threads, as train has set them when it probes
     device = resolve_device(cfg.device)
     # Not a terminal (a pipe, CI): a fixed width, so the table is not wrapped to 80 columns.
@@ -69,7 +71,6 @@ def handle_hardware(args) -> int:
             f"  flags that decide precision: {', '.join(info['flags']) or 'none of them (or unknown)'}"
         )
         console.print(f"  torch kernels: {info['capability']}; torch threads: {info['threads']}")
-    shape = probe_input_shape(cfg, args.channels, args.image_size)
     model = build_model_for(cfg, args.classes, shape[0], device)  # the run's model, initialisation and layout
     batch = min(cfg.batch_size, hardware.PROBE_BATCH)
     choice = hardware.choose(model, shape, device, precision=cfg.precision,
