@@ -423,7 +423,7 @@ def config_from_dict(
     try:
         config = Config.model_validate(raw)
     except ValidationError as error:
-        problems.extend(f"{source}: {describe_error(item)}" for item in error.errors())
+        problems.extend(f"{source}: {describe_error(item)}" for item in merge_union_errors(error.errors()))
     if config is not None:
         problems.extend(f"{source}: {problem}" for problem in imbalance_problems(config))
     if problems:
@@ -482,6 +482,44 @@ def imbalance_problems(config: Config) -> list[str]:
             "distribution; this run already re-balances (loss.kind/class_weights/data.sampling). Set it to 0"
         )
     return problems
+
+
+def _expected(item: dict[str, Any]) -> str:
+    """What one branch of a union (``bool | Literal["auto"]``) accepts, in a few words."""
+    kind = item["type"]
+    if kind.startswith("bool"):
+        return "true or false"
+    if kind == "literal_error":
+        return str(item.get("ctx", {}).get("expected", item["msg"]))
+    if kind.startswith("int"):
+        return "an integer"
+    if kind.startswith("float"):
+        return "a number"
+    return item["msg"]
+
+
+def merge_union_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One error per key: pydantic reports a value no branch of a union accepts once per branch, under
+    ``key.<branch>`` (``data.flip.bool``, ``data.flip.literal['alternate']``); these become one error at ``key``
+    that lists what each branch accepts."""
+    merged: list[dict[str, Any]] = []
+    for item in errors:
+        location = [str(part) for part in item["loc"]]
+        is_branch = (
+            len(location) > 1
+            and location[-1] not in _fields_at(location[:-1])
+            and (location[-1] in ("bool", "int", "float", "str") or location[-1].startswith("literal["))
+        )
+        if not is_branch:
+            merged.append(item)
+            continue
+        key = tuple(item["loc"][:-1])
+        if merged and merged[-1].get("type") == "union" and tuple(merged[-1]["loc"]) == key:
+            merged[-1]["msg"] += f", or {_expected(item)}"
+        else:
+            merged.append({"loc": key, "type": "union", "input": item.get("input"),
+                           "msg": f"expected {_expected(item)}"})  # fmt: skip
+    return merged
 
 
 def describe_error(item: dict[str, Any]) -> str:
