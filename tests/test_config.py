@@ -45,6 +45,14 @@ def test_yaml_and_overrides_parse_as_yaml_scalars(tmp_path):
     assert cfg.name == "abc"
     assert cfg.model.options == {"width": 8}
     assert cfg.data.flip is True
+    assert load_config(path, ["data.flip=alternate"]).data.flip == "alternate"
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["data.flip=sometimes", "data.channels_last=3"])
+    # One line per key, not one per branch of the union (pydantic's data.flip.bool, data.flip.literal[...]).
+    assert str(info.value).splitlines() == [
+        f"{path}: data.flip='sometimes': expected true or false, or 'alternate'",
+        f"{path}: data.channels_last=3: expected true or false, or 'auto'",
+    ]
 
 
 def test_unknown_keys_suggest_nearest(tmp_path):

@@ -206,6 +206,61 @@ def test_batchloader_determinism_per_seed_and_epoch():
     assert first.state_dict() == {"seed": 0, "epoch": 2}
 
 
+def mirrored_images(loader, plain, epoch):
+    """The image indices ``loader`` mirrors in ``epoch``, found from its output against ``plain`` (no flip)."""
+    loader.set_epoch(epoch)
+    plain.set_epoch(epoch)
+    order = plain.epoch_plan(epoch)[0]
+    x, x_plain = torch.cat([x for x, _ in loader]), torch.cat([x for x, _ in plain])
+    mirrored = set()
+    for position, i in enumerate(order.tolist()):
+        if torch.equal(x[position], x_plain[position].flip(2)):
+            mirrored.add(i)
+        else:
+            assert torch.equal(x[position], x_plain[position])
+    return mirrored
+
+
+@pytest.mark.parametrize("crop_padding", [0, 2])
+def test_alternate_flip_mirrors_each_image_every_other_epoch(crop_padding):
+    images, labels = make_images(200, h=6, w=6, seed=3), torch.arange(200)
+    options = {"batch_size": 64, "shuffle": True, "seed": 4, "crop_padding": crop_padding}
+    loader = BatchLoader(images, labels, flip="alternate", **options)
+    plain = BatchLoader(images, labels, flip=False, **options)  # same order and crops: flips are drawn last
+    per_epoch = [mirrored_images(loader, plain, epoch) for epoch in range(4)]
+    assert 70 <= len(per_epoch[0]) <= 130  # a random half (binomial(200, 0.5): +-4.2 sd)
+    everyone = set(range(200))
+    assert per_epoch[1] == everyone - per_epoch[0]
+    assert per_epoch[2] == per_epoch[0] and per_epoch[3] == per_epoch[1]
+    # Random coins (flip=True) mirror a different random set each epoch: no such pattern.
+    coins = BatchLoader(images, labels, flip=True, **options)
+    random_sets = [mirrored_images(coins, plain, epoch) for epoch in range(2)]
+    assert random_sets[1] != everyone - random_sets[0]
+    other_seed = BatchLoader(images, labels, flip="alternate", **{**options, "seed": 5})
+    assert not torch.equal(other_seed.epoch_plan(0)[2], loader.epoch_plan(0)[2])
+
+
+def test_alternate_flip_gives_a_repeated_image_one_orientation_per_epoch():
+    class Repeat:  # a sampler drawing every image twice
+        def indices(self, epoch):
+            return torch.arange(6).repeat(2)
+
+        def __len__(self):
+            return 12
+
+    loader = BatchLoader(make_images(6), torch.arange(6), batch_size=4, shuffle=True, flip="alternate",
+                         sampler=Repeat())  # fmt: skip
+    for epoch in (0, 1):
+        order, _, flips = loader.epoch_plan(epoch)
+        assert torch.equal(flips[:6], flips[6:])
+    assert torch.equal(loader.epoch_plan(1)[2], ~loader.epoch_plan(0)[2])
+
+
+def test_flip_setting_is_checked():
+    with pytest.raises(ValueError, match="flip must be true, false or 'alternate', got 'sometimes'"):
+        BatchLoader(make_images(4), torch.arange(4), batch_size=2, shuffle=True, flip="sometimes")
+
+
 def test_batchloader_interrupted_epoch_repeats_plan():
     images, labels = make_images(8), torch.arange(8)
     loader = BatchLoader(images, labels, batch_size=3, shuffle=True, flip=True)

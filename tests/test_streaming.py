@@ -95,6 +95,20 @@ def test_same_batches_as_in_memory_for_the_same_pipeline(folder, tmp_path, paddi
     assert_same(batches(eval_streamed, 1), batches(eval_memory, 1))
 
 
+def test_alternate_flip_same_batches_as_in_memory(folder, tmp_path):
+    fit = {"size": (16, 16), "aspect": "crop", "crop_fraction": 1.0}
+    memory = load_image_folder(folder, cache_dir=tmp_path, num_workers=0, progress=False, **fit)
+    options = {"batch_size": 5, "shuffle": True, "seed": 3, "mean": MEAN, "std": STD, "crop_padding": 2,
+               "flip": "alternate"}  # fmt: skip
+    in_memory = BatchLoader(memory.images, memory.labels, **options)
+    streamed = StreamingLoader(
+        memory.paths, memory.labels, image_size=16, aspect="crop", num_workers=0, **options
+    )
+    assert_same(batches(streamed), batches(in_memory))
+    with pytest.raises(ValueError, match="flip must be true, false or 'alternate'"):
+        StreamingLoader(memory.paths, memory.labels, image_size=16, **{**options, "flip": "yes"})
+
+
 def test_random_resized_crops_do_not_depend_on_workers(folder):
     paths, labels, _ = list_image_folder(folder)
     options = {"image_size": 12, "batch_size": 4, "shuffle": True, "seed": 3, "mean": MEAN, "std": STD,

@@ -52,7 +52,8 @@ class DataConfig(_Section):
     cache_dir: str | None = None  # the image cache folder itself; None: $TRICKBAG_CACHE_DIR or ~/.cache
     skip_bad_images: bool = False
     crop_padding: int = Field(0, ge=0)  # random crop after reflect padding of this many pixels
-    flip: bool = False  # random horizontal flip
+    # random horizontal flip; "alternate": each image mirrored every other epoch (airbench; data.flip_mask)
+    flip: bool | Literal["alternate"] = False
     # Progressive resizing of in-memory training images: the side per epoch, the last repeating (e.g. [16, 16, 32]:
     # two epochs at 16x16, then full size). Early low-resolution epochs cost ~(side / size)^2; see data.BatchLoader.
     train_sizes: list[int] | None = None

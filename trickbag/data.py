@@ -140,6 +140,37 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed((int(seed) * 0x9E3779B97F4A7C15 + int(epoch)) % (2**63))
 
 
+# Stream of the images' first-epoch coins for flip="alternate" (any constant apart from the epoch numbers).
+_ALTERNATE_STREAM = 2**40 + 7
+
+
+def flip_mask(
+    flip: bool | str, generator: torch.Generator, order: torch.Tensor, epoch: int, seed: int, n_images: int
+) -> torch.Tensor | None:
+    """The epoch's flips by position in ``order`` (N,) bool, or None for ``flip=False``.
+
+    ``True``: a fair coin per position. ``"alternate"`` (airbench, Jordan 2024): each image is mirrored in
+    every other epoch, a random half of them in epoch 0 and the other half in epoch 1, and so on, so a short
+    schedule sees both orientations of every image as evenly as it can (random coins leave a quarter of the
+    images in one orientation across two epochs). The coins are drawn from ``generator`` in both modes, so
+    the draws after them stay in the same sequence.
+    """
+    if not flip:
+        return None
+    coins = torch.rand(len(order), generator=generator) < 0.5
+    if flip != "alternate":
+        return coins
+    first = torch.rand(n_images, generator=epoch_generator(seed, _ALTERNATE_STREAM)) < 0.5
+    return first[order] ^ bool(epoch % 2)
+
+
+def check_flip(flip: bool | str) -> bool | str:
+    """``flip`` as given when it is True, False or "alternate"; a ValueError naming the value otherwise."""
+    if flip is True or flip is False or flip == "alternate":
+        return flip
+    raise ValueError(f"flip must be true, false or 'alternate', got {flip!r}")
+
+
 def random_crop(
     images: torch.Tensor, padding: int, offsets: torch.Tensor, *, padding_mode: str = "reflect"
 ) -> torch.Tensor:
@@ -171,9 +202,9 @@ def random_crop(
     return picked.gather(3, cols_index)
 
 
-def random_flip(images: torch.Tensor, flip_mask: torch.Tensor) -> torch.Tensor:
-    """Mirror left-right the images where ``flip_mask`` (N,) bool is True; (N, C, H, W) in and out."""
-    mask = flip_mask.to(images.device)[:, None, None, None]
+def random_flip(images: torch.Tensor, mirror: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right the images where ``mirror`` (N,) bool is True; (N, C, H, W) in and out."""
+    mask = mirror.to(images.device)[:, None, None, None]
     return torch.where(mask, images.flip(3), images)
 
 
@@ -257,7 +288,8 @@ class BatchLoader:
         mean, std: per-channel normalisation in [0, 1] units (sequences of C floats); None computes them
             from ``images`` (pass the training set's values to an eval loader).
         crop_padding: pixels of padding for the random crop; 0 disables it.
-        flip: random horizontal flips with probability 0.5.
+        flip: random horizontal flips with probability 0.5; "alternate": each image mirrored every other
+            epoch (``flip_mask``).
         channels_last: return batches in ``torch.channels_last`` memory format.
         padding_mode: "reflect" or "zeros" (zeros after normalising = the mean colour).
         sampler: optional object whose ``indices(epoch)`` (M,) int64 replaces the shuffled order and whose
@@ -285,7 +317,7 @@ class BatchLoader:
         mean: list[float] | tuple[float, ...] | None = None,
         std: list[float] | tuple[float, ...] | None = None,
         crop_padding: int = 0,
-        flip: bool = False,
+        flip: bool | str = False,
         channels_last: bool = False,
         padding_mode: str = "reflect",
         sampler=None,
@@ -340,7 +372,7 @@ class BatchLoader:
         self.epoch = 0
         self.mean, self.std = mean, std
         self.crop_padding = crop_padding
-        self.flip = bool(flip)
+        self.flip = check_flip(flip)
         self.channels_last = bool(channels_last)
         self.padding_mode = padding_mode
         self.sampler = sampler
@@ -422,7 +454,7 @@ class BatchLoader:
         offsets = None
         if self.crop_padding > 0:
             offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=generator)
-        flips = torch.rand(n, generator=generator) < 0.5 if self.flip else None
+        flips = flip_mask(self.flip, generator, order, epoch, self.seed, len(self.images))
         return order, offsets, flips
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:

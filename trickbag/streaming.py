@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from trickbag import decode, transforms
-from trickbag.data import channel_stats, epoch_generator, random_crop, random_flip
+from trickbag.data import channel_stats, check_flip, epoch_generator, flip_mask, random_crop, random_flip
 from trickbag.prefetch import ThreadAhead
 
 __all__ = [
@@ -115,7 +115,7 @@ class _Plan:
         offsets = None
         if s["crop_padding"] > 0:
             offsets = torch.randint(0, 2 * s["crop_padding"] + 1, (n, 2), generator=generator)
-        flips = torch.rand(n, generator=generator) < 0.5 if s["flip"] else None
+        flips = flip_mask(s["flip"], generator, order, epoch, s["seed"], n)
         crops = transforms.draw_resized_crops(generator, n) if s["random_resized_crop"] else None
         mine = _shard(n, s["rank"], s["world_size"], s["batch_size"], s["drop_last"])
         if s["world_size"] > 1 or len(mine) != n:
@@ -312,7 +312,7 @@ class StreamingLoader:
         aspect: str = "crop",
         crop_fraction: float = 1.0,
         crop_padding: int = 0,
-        flip: bool = False,
+        flip: bool | str = False,
         padding_mode: str = "reflect",
         channels_last: bool = False,
         num_workers: int = 0,
@@ -358,7 +358,7 @@ class StreamingLoader:
         self.paths, self.labels = paths, labels
         self.batch_size, self.seed, self.epoch = batch_size, int(seed), 0
         self.drop_last, self.shuffle = bool(drop_last), bool(shuffle)
-        self.crop_padding, self.flip, self.padding_mode = crop_padding, bool(flip), padding_mode
+        self.crop_padding, self.flip, self.padding_mode = crop_padding, check_flip(flip), padding_mode
         self.random_resized_crop = bool(random_resized_crop)
         self.channels_last = bool(channels_last)
         self.mean, self.std = mean, std
