@@ -289,14 +289,23 @@ def test_runs_start_seed_by_seed_across_arms_and_come_back_in_table_order(tmp_pa
 # the summary against scipy
 
 
-def outcomes_from(ablation, table: dict[str, list[float]], times: dict[str, float]) -> list[RunOutcome]:
+def outcomes_from(
+    ablation, table: dict[str, list[float]], times: dict[str, float | list[float]]
+) -> list[RunOutcome]:
+    """Outcomes with ``table``'s scores; ``times``: one training time per arm, or one per seed."""
     outcomes = []
     for spec in plan_runs(ablation, Path("/nowhere")):
-        value = table[spec.arm.name][ablation.seed_list.index(spec.seed)]
+        index = ablation.seed_list.index(spec.seed)
+        value = table[spec.arm.name][index]
+        time = times[spec.arm.name]
         if math.isnan(value):
             outcomes.append(RunOutcome(spec, "failed", error="boom"))
         else:
-            outcomes.append(RunOutcome(spec, "finished", None, result(value, times[spec.arm.name])))
+            outcomes.append(
+                RunOutcome(
+                    spec, "finished", None, result(value, time if isinstance(time, float) else time[index])
+                )
+            )
     return outcomes
 
 
@@ -329,6 +338,7 @@ def test_summary_statistics_match_scipy():
     expected_holm = sorted([min(1, 2 * small), min(1, max(2 * small, large))])
     assert sorted(row.p_holm for row in summary.arms[1:]) == pytest.approx(expected_holm)
     assert summary.arms[1].time_ratio == pytest.approx(1.5)
+    assert any(note.startswith("time ×: the median over seeds") for note in summary.notes)
     # 5 seeds: min p = 2/32 = 0.0625 > 0.025, so nothing can be called helps: the table says why
     assert summary.arms[1].verdict == "cannot tell with 5 seeds"
     assert any("cannot go below p = 2/2^5" in note for note in summary.notes)
@@ -458,3 +468,19 @@ def test_arm_on_the_command_line_adds_to_a_shipped_file_and_a_recipe_path_is_the
     assert list(quick.arms) == ["ls"] and recipe_path.name == "digits.yaml"
     with pytest.raises(FileNotFoundError, match="shipped ablations"):
         load_target(args("no_such_ablation"))
+
+
+def test_time_ratio_is_paired_by_seed():
+    """A slow spell that hit the reference's run of seed 2 but not +b's is not an effect of +b: the median of the
+    per-seed ratios reads 1.0 where the ratio of mean times would read 0.71; +a, 1.2x slower in every seed,
+    including the spell, reads 1.2."""
+    ablation = make(seeds=5)
+    table = {"base": [0.9] * 5, "+a": [0.91] * 5, "+b": [0.9] * 5}
+    base = [10.0, 10.0, 30.0, 10.0, 10.0]
+    plus_a = [12.0, 12.0, 36.0, 12.0, 12.0]
+    plus_b = [10.0, 10.0, 10.0, 11.0, 9.0]  # ratios 1, 1, 1/3, 1.1, 0.9: median 1.0, ratio of means 50/70
+    summary = summarize(ablation, outcomes_from(ablation, table, {"base": base, "+a": plus_a, "+b": plus_b}))
+    by_name = {row.name: row for row in summary.arms}
+    assert by_name["+a"].time_ratio == pytest.approx(1.2)
+    assert by_name["+b"].time_ratio == pytest.approx(1.0)
+    assert np.mean(plus_b) / np.mean(base) == pytest.approx(50 / 70)  # what the unpaired figure would say

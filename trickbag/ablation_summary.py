@@ -107,8 +107,12 @@ def summarize(ablation: Ablation, outcomes: list[RunOutcome], resamples: int = 1
             row.delta = float(d.mean())
             row.delta_low, row.delta_high = bootstrap_ci(d, resamples=resamples, seed=0)
             row.p = sign_flip_p_value(d)
-            ref_time = np.nanmean([times[arm.reference][s] for s in seeds])
-            row.time_ratio = float(np.nanmean([times[arm.name][s] for s in seeds]) / ref_time)
+            # Paired, as the accuracy: the runs of one seed start back to back (``run_ablation``), so a slow spell
+            # of the machine falls on both sides of a ratio; a ratio of the arms' mean times would read it as
+            # an effect of the trick.
+            ratios = [times[arm.name][s] / times[arm.reference][s] for s in seeds]
+            finite = [r for r in ratios if math.isfinite(r)]
+            row.time_ratio = float(np.median(finite)) if finite else math.nan
         rows.append(row)
     compared = [row for row in rows if row.reference]
     for row, adjusted in zip(compared, holm([row.p for row in compared])):
@@ -123,6 +127,11 @@ def summarize(ablation: Ablation, outcomes: list[RunOutcome], resamples: int = 1
 
 def _notes(ablation: Ablation, compared: list[ArmSummary], scale: float, metric: str) -> list[str]:
     notes = []
+    if any(not math.isnan(row.time_ratio) for row in compared):
+        notes.append(
+            "time ×: the median over seeds of the arm's training time over its reference's in the same seed "
+            "(the runs of a seed start back to back)."
+        )
     m = max(1, len(compared))
     n = min((len(row.differences) for row in compared), default=0)
     if n and 2 / 2**n >= ablation.alpha / m:
