@@ -270,3 +270,32 @@ def test_cifar_fast_depth_per_width():
     for bad in ([1], [1, 2, 3], [0, 2]):
         with pytest.raises(ValueError, match="depth must be an int >= 1 or one such int per width"):
             CifarFastNet(10, widths=(8, 16), depth=bad)
+
+
+def test_cifar_fast_downsample_false_keeps_a_width_at_the_stems_resolution():
+    """``downsample=[False, True, True]``: the first width's convs see the stem's 16x16 output (no max-pool
+    before them), the next two are pooled to 8x8 and 4x4; the resolutions seen by each conv, from hooks."""
+    from trickbag.models import CifarFastNet
+
+    model = CifarFastNet(
+        10, widths=(8, 16, 32), stem_width=8, depth=[1, 1, 1], downsample=[False, True, True]
+    )
+    sides = []
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Conv2d) and layer.kernel_size == (3, 3):
+            layer.register_forward_hook(lambda module, inputs, output: sides.append(inputs[0].shape[-1]))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert sides == [16, 8, 4]
+    default_sides = []
+    plain = CifarFastNet(10, widths=(8, 16, 32), stem_width=8, depth=1)
+    for layer in plain.modules():
+        if isinstance(layer, torch.nn.Conv2d) and layer.kernel_size == (3, 3):
+            layer.register_forward_hook(
+                lambda module, inputs, output: default_sides.append(inputs[0].shape[-1])
+            )
+    plain(torch.randn(2, 3, 32, 32))
+    assert default_sides == [8, 4, 2]
+    with pytest.raises(ValueError, match="downsample must be true/false or one such value per width"):
+        CifarFastNet(10, widths=(8, 16), downsample=[False])
+    with pytest.raises(ValueError, match="downsample\\[0\\] must be true"):
+        CifarFastNet(10, widths=(8, 16), pool_first=True, downsample=[False, True])

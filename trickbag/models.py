@@ -260,7 +260,8 @@ class CifarFastNet(nn.Module):
     filters of the first batch's patches (the leading ``stem_width / 2`` eigenvectors and their negations):
     +0.4 points after 4 CPU epochs (10 seeds). Then per width: maxpool 2 -> ``depth`` x (conv3x3-BN-ReLU),
     ``depth`` one int or one per width (``[1, 2]`` drops the costliest 8x8 conv: ~25% less time a step, 79.3 vs
-    80.7% at 4 epochs); global max pool; linear (no bias) / ``temperature``. ReLU, not GELU: cheaper on CPU.
+    80.7% at 4 epochs); ``downsample`` (one bool or one per width) false skips a width's max-pool, so its convs
+    run at the resolution before it; global max pool; linear (no bias) / ``temperature``. ReLU, not GELU: cheaper on CPU.
     ``pool_first=True`` moves the first maxpool between the stem conv and its BN (airbench's conv -> pool -> BN
     -> act order): the stem's BN and ReLU then see 4x fewer elements (~5% faster on 2 CPU cores, same accuracy
     in the recipe).
@@ -279,6 +280,7 @@ class CifarFastNet(nn.Module):
         stem_kernel: int = 4,
         pool_first: bool = False,
         stem_init: str = "random",
+        downsample: bool | Sequence[bool] = True,
     ) -> None:
         super().__init__()
         if stem_init not in ("random", "whiten"):
@@ -295,6 +297,15 @@ class CifarFastNet(nn.Module):
             raise ValueError(
                 "widths must list at least one width and depth must be an int >= 1 or one such int per "
                 f"width, got widths={widths!r}, depth={depth!r}"
+            )
+        pools = [downsample] * len(widths) if isinstance(downsample, bool) else list(downsample)
+        if len(pools) != len(widths) or not all(isinstance(p, bool) for p in pools):
+            raise ValueError(
+                f"downsample must be true/false or one such value per width, got {downsample!r} for widths={widths!r}"
+            )
+        if pool_first and not pools[0]:
+            raise ValueError(
+                "pool_first=True moves the first width's max-pool into the stem: downsample[0] must be true"
             )
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
@@ -329,7 +340,7 @@ class CifarFastNet(nn.Module):
                 layers.insert(1, nn.MaxPool2d(2))
             channels = stem_width
         for i, width in enumerate(widths):
-            if not (i == 0 and pool_first):
+            if pools[i] and not (i == 0 and pool_first):
                 layers.append(nn.MaxPool2d(2))
             for _ in range(depths[i]):
                 layers.append(conv_bn(channels, int(width)))
