@@ -299,3 +299,18 @@ def test_cifar_fast_downsample_false_keeps_a_width_at_the_stems_resolution():
         CifarFastNet(10, widths=(8, 16), downsample=[False])
     with pytest.raises(ValueError, match="downsample\\[0\\] must be true"):
         CifarFastNet(10, widths=(8, 16), pool_first=True, downsample=[False, True])
+
+
+def test_cifar_fast_activation_option():
+    """``activation="gelu"`` puts GELU after the stem and every conv (ReLU by default); other names say what is valid."""
+    from trickbag.models import CifarFastNet
+
+    def kinds(model):
+        return {type(m).__name__ for m in model.modules() if isinstance(m, (torch.nn.ReLU, torch.nn.GELU))}
+
+    gelu = CifarFastNet(10, widths=(8, 16), stem_width=8, activation="gelu")
+    assert kinds(gelu) == {"GELU"} and sum(isinstance(m, torch.nn.GELU) for m in gelu.modules()) == 5
+    assert kinds(CifarFastNet(10, widths=(8, 16), stem_width=8)) == {"ReLU"}
+    assert gelu(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+    with pytest.raises(ValueError, match="activation must be 'relu' or 'gelu', got 'swish'"):
+        CifarFastNet(10, activation="swish")
