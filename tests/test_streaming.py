@@ -327,8 +327,9 @@ def test_next_epoch_prefetch_gives_the_same_batches_and_runs_ahead(folder, monke
     restarted = StreamingLoader(paths, torch.tensor(labels), prefetch_next_epoch=False, **options)
     assert len(ahead) == 6
     first = batches(ahead, 1)
-    # 2 workers x 2 batches in flight: the first 4 batches of epoch 1 were handed out before epoch 0 ended.
-    assert requested[6:] == [(1, k) for k in range(4)]
+    # 2 workers x 2 batches in flight: the first 4 batches of epoch 1 were handed out before epoch 0 ended (under
+    # load, the DataLoader may already have asked for a fifth by the time the last batch of epoch 0 is returned).
+    assert requested[6:10] == [(1, k) for k in range(4)] and requested[10:] in ([], [(1, 4)])
     assert_same(first, batches(restarted, 1))
     ahead.set_epoch(0)
     restarted.set_epoch(0)
