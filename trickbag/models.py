@@ -258,11 +258,12 @@ class CifarFastNet(nn.Module):
     ``whiten=True`` a frozen 2x2 ``PatchWhitening`` fitted on the first training batch (2 * C * 4 channels;
     worse here, so off by default). ``stem_init="whiten"`` keeps the trained stem but starts it as the whitening
     filters of the first batch's patches (the leading ``stem_width / 2`` eigenvectors and their negations):
-    +0.4 points after 4 CPU epochs (10 seeds). Then per width: maxpool 2 -> ``depth`` x (conv3x3-BN-ReLU),
+    +0.4 points after 4 CPU epochs (10 seeds). Then per width: maxpool 2 -> ``depth`` x (conv3x3-BN-activation),
     ``depth`` one int or one per width (``[1, 2]`` drops the costliest 8x8 conv: ~25% less time a step, 79.3 vs
     80.7% at 4 epochs); ``downsample`` (one bool or one per width) false skips a width's max-pool, so its convs
-    run at the resolution before it; global max pool; linear (no bias) / ``temperature``. ``activation``: "relu" or "gelu" (airbench's): GELU costs 1-8%
-    more a step on 2 CPU cores and gave +0.25-0.56 points at 4 and 16 epochs (fp32, paired seeds).
+    run at the resolution before it; global max pool; linear (no bias) / ``temperature``. ``activation``: "relu"
+    or "gelu" (airbench's): GELU costs ~6% more training time on 2 CPU cores and gave +0.48 points at 4 epochs
+    (10 paired seeds, fp32; docs/ablation-cifar10-gelu), +0.3-0.5 at 16.
     ``pool_first=True`` moves the first maxpool between the stem conv and its BN (airbench's conv -> pool -> BN
     -> act order): the stem's BN and ReLU then see 4x fewer elements (~5% faster on 2 CPU cores, same accuracy
     in the recipe).
