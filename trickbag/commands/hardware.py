@@ -60,6 +60,8 @@ def handle_hardware(args) -> int:
     shape = probe_input_shape(cfg, args.channels, args.image_size)  # a bad size fails before any output
     apply_runtime_settings(cfg)  # the recipe's threads, as train has set them when it probes
     device = resolve_device(cfg.device)
+    # The run's model, initialisation and layout; built first, so a bad model option fails before any output.
+    model = build_model_for(cfg, args.classes, shape[0], device)
     # Not a terminal (a pipe, CI): a fixed width, so the table is not wrapped to 80 columns.
     console = Console(width=None if sys.stdout.isatty() else 120, markup=False, highlight=False)
     info = hardware.device_info(device)
@@ -71,7 +73,6 @@ def handle_hardware(args) -> int:
             f"  flags that decide precision: {', '.join(info['flags']) or 'none of them (or unknown)'}"
         )
         console.print(f"  torch kernels: {info['capability']}; torch threads: {info['threads']}")
-    model = build_model_for(cfg, args.classes, shape[0], device)  # the run's model, initialisation and layout
     batch = min(cfg.batch_size, hardware.PROBE_BATCH)
     choice = hardware.choose(model, shape, device, precision=cfg.precision,
                              channels_last=cfg.data.channels_last, batch_size=batch)  # fmt: skip
