@@ -73,7 +73,8 @@ def device_info(device: torch.device | str) -> dict[str, Any]:
     }
 
 
-def _key(policy: str, channels_last: bool) -> str:
+def timing_key(policy: str, channels_last: bool) -> str:
+    """The key of a candidate in the probe's timings (``choice["probe_ms"]``), e.g. "bf16/channels_last"."""
     return f"{policy}/{'channels_last' if channels_last else 'contiguous'}"
 
 
@@ -163,17 +164,19 @@ def _time_candidates(model, input_shape, device, candidates, batch_size, repeats
         }
         batches = {layout: x.contiguous(memory_format=formats[layout]) for layout in layouts}
         for policy, layout in candidates:  # warm-up round
-            timings[_key(policy, layout)] = _step_ms(copies[layout], batches[layout], policy, device)
+            timings[timing_key(policy, layout)] = _step_ms(copies[layout], batches[layout], policy, device)
         fastest = min(timings.values(), default=0.0)
-        alive = [(p, layout) for p, layout in candidates if timings[_key(p, layout)] <= HOPELESS * fastest]
+        alive = [
+            (p, layout) for p, layout in candidates if timings[timing_key(p, layout)] <= HOPELESS * fastest
+        ]
         # Timed rounds take turns over the candidates, so a burst of load from other processes hits all alike.
-        measured = {_key(*candidate): float("inf") for candidate in alive}
+        measured = {timing_key(*candidate): float("inf") for candidate in alive}
         for round_index in range(repeats):
             if round_index > 0 and time.perf_counter() - started > budget_s:
                 break  # a loaded machine: one timed round is what it can afford
             for policy, layout in alive:
                 step = _step_ms(copies[layout], batches[layout], policy, device)
-                measured[_key(policy, layout)] = min(measured[_key(policy, layout)], step)
+                measured[timing_key(policy, layout)] = min(measured[timing_key(policy, layout)], step)
         timings.update(measured)
     return timings
 
@@ -209,7 +212,7 @@ def choose_settings(
     policy = resolve_policy(precision, device, policy_times(timings_ms, fixed_layout))
     layout = channels_last
     if channels_last == "auto":
-        contiguous, nhwc = timings_ms.get(_key(policy, False)), timings_ms.get(_key(policy, True))
+        contiguous, nhwc = timings_ms.get(timing_key(policy, False)), timings_ms.get(timing_key(policy, True))
         layout = contiguous is not None and nhwc is not None and contiguous >= LAYOUT_MIN_SPEEDUP * nhwc
     warning = bf16_warning(precision, device, policy_times(timings_ms, layout))
     return {"precision": policy, "channels_last": bool(layout), "warning": warning}

@@ -59,7 +59,7 @@ def choose_hardware_settings(cfg, model, image_shape, device, num_train: int, lo
     )  # fmt: skip
     choice = distributed.broadcast_object(choice)
     timings = choice["probe_ms"]
-    chosen_key = f"{choice['precision']}/{'channels_last' if choice['channels_last'] else 'contiguous'}"
+    chosen_key = hardware.timing_key(choice["precision"], choice["channels_last"])
     step_s = None
     # The probe's 1-thread step, scaled to the batch: an estimate, on the high side.
     if chosen_key in timings:

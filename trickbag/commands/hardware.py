@@ -79,7 +79,7 @@ def handle_hardware(args) -> int:
     timings = choice["probe_ms"]
     if timings:
         fastest = min(timings.values())
-        chosen = f"{choice['precision']}/{'channels_last' if choice['channels_last'] else 'contiguous'}"
+        chosen = hardware.timing_key(choice["precision"], choice["channels_last"])
         table = Table(
             title=f"model {cfg.model.name} of {args.recipe}, fwd+bwd of {batch} x {'x'.join(map(str, shape))}",
             title_justify="left",
