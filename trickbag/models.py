@@ -265,7 +265,7 @@ class CifarFastNet(nn.Module):
     or "gelu" (airbench's): GELU costs ~6% more training time on 2 CPU cores and gave +0.48 points at 4 epochs
     (10 paired seeds, fp32; docs/ablation-cifar10-gelu), +0.3-0.5 at 16.
     ``pool_first=True`` moves the first maxpool between the stem conv and its BN (airbench's conv -> pool -> BN
-    -> act order): the stem's BN and ReLU then see 4x fewer elements (~5% faster on 2 CPU cores, same accuracy
+    -> act order): the stem's BN and activation then see 4x fewer elements (~5% faster on 2 CPU cores, same accuracy
     in the recipe).
     (N, C, H, W) -> (N, num_classes); H, W divisible by 2 ** (len(widths) + 1).
     """
@@ -343,7 +343,7 @@ class CifarFastNet(nn.Module):
                 act(),
             ]
             if pool_first:
-                # airbench's conv -> pool -> BN -> act order: BN and ReLU see 4x fewer elements.
+                # airbench's conv -> pool -> BN -> act order: BN and the activation see 4x fewer elements.
                 layers.insert(1, nn.MaxPool2d(2))
             channels = stem_width
         for i, width in enumerate(widths):
