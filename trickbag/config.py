@@ -212,7 +212,8 @@ class OptimizerConfig(_Section):
     ``lr`` is the learning rate per ``ref_batch_size`` images.
     """
 
-    name: Literal["sgd", "adamw", "adam", "rmsprop"] = "sgd"
+    # muon: Muon for the hidden conv/linear weights, SGD (lr, momentum, nesterov, weight_decay) for the rest
+    name: Literal["sgd", "adamw", "adam", "rmsprop", "muon"] = "sgd"
     lr: float = Field(0.1, gt=0.0)  # per ref_batch_size images; scaled to the effective batch when scale_lr
     ref_batch_size: int = Field(256, gt=0)
     scale_lr: bool = True
@@ -224,6 +225,12 @@ class OptimizerConfig(_Section):
     eps: float = Field(1e-8, gt=0.0)
     implementation: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
     backbone_lr_factor: float = Field(1.0, gt=0.0)  # LR of every parameter but the head's (fine-tuning: < 1)
+    # name=muon only (trickbag.muon): the hidden weights' LR per update, not scaled with the batch (Muon's step
+    # has a fixed size), their momentum, Newton-Schulz steps, and the rescaling before each step (airbench)
+    muon_lr: float = Field(0.06, gt=0.0)
+    muon_momentum: float = Field(0.6, ge=0.0, lt=1.0)
+    muon_ns_steps: int = Field(5, ge=1, le=20)
+    muon_normalize: bool = True
 
     @field_validator("betas")
     @classmethod
@@ -231,6 +238,16 @@ class OptimizerConfig(_Section):
         if not all(0.0 <= beta < 1.0 for beta in betas):
             raise ValueError(f"betas must both be in [0, 1), got {list(betas)}")
         return betas
+
+    @model_validator(mode="after")
+    def _muon_settings_only_with_muon(self) -> OptimizerConfig:
+        if self.name == "muon" and self.backbone_lr_factor != 1.0:
+            raise ValueError(
+                "backbone_lr_factor is not supported with name='muon' (its hidden weights have muon_lr)"
+            )
+        if self.name == "muon" and self.implementation == "fused":
+            raise ValueError("implementation='fused' is not available with name='muon'; use auto")
+        return self
 
 
 class ScheduleConfig(_Section):
@@ -269,12 +286,17 @@ class ScheduleConfig(_Section):
 
 
 def build_optimizer_from_config(
-    model: nn.Module, cfg: OptimizerConfig, effective_batch_size: int
+    model: nn.Module,
+    cfg: OptimizerConfig,
+    effective_batch_size: int,
+    *,
+    ns_dtype: torch.dtype | None = None,
 ) -> torch.optim.Optimizer:
     """The optimizer of the ``optimizer:`` section for ``model``, with no-decay groups for biases and norms.
 
     ``cfg.lr`` is scaled to ``effective_batch_size`` (micro-batch x accumulation steps x world size) when
-    ``cfg.scale_lr``.
+    ``cfg.scale_lr``. ``ns_dtype``: the precision of Muon's Newton-Schulz steps (name=muon only; None: float32;
+    the trainer passes bfloat16 where its probe chose bf16, i.e. where bf16 matmuls are fast).
     """
     if not isinstance(cfg, OptimizerConfig):
         raise TypeError(f"cfg must be an OptimizerConfig, got {type(cfg).__name__}")
@@ -282,6 +304,17 @@ def build_optimizer_from_config(
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise ValueError(f"effective_batch_size must be an int > 0, got {batch!r}")
     lr = scale_lr(cfg.lr, batch, base_batch_size=cfg.ref_batch_size) if cfg.scale_lr else cfg.lr
+    if cfg.name == "muon":
+        import torch
+
+        from trickbag.muon import Muon, muon_param_groups
+
+        groups = muon_param_groups(
+            model, lr=lr, weight_decay=cfg.weight_decay, no_decay_bias_norm=cfg.no_decay_bias_norm
+        )
+        return Muon(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                    muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum, ns_steps=cfg.muon_ns_steps,
+                    ns_dtype=ns_dtype or torch.float32, normalize=cfg.muon_normalize)  # fmt: skip
     return build_optimizer(
         cfg.name,
         param_groups(

@@ -192,7 +192,10 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
         for imageset in (val_set, test_set)
     )  # fmt: skip
     # The linear scaling rule sees the global batch: per process x accumulate x processes.
-    optimizer = build_optimizer_from_config(model, cfg.optimizer, cfg.effective_batch_size * world)
+    ns_dtype = torch.bfloat16 if hardware["precision"] == "bf16" else torch.float32  # Muon's matmuls
+    optimizer = build_optimizer_from_config(
+        model, cfg.optimizer, cfg.effective_batch_size * world, ns_dtype=ns_dtype
+    )
     updates_per_epoch = math.ceil(len(train_loader) / cfg.accumulate)
     scheduler = build_scheduler(optimizer, cfg.schedule, steps_per_epoch=updates_per_epoch, epochs=cfg.epochs)
     weight = None
