@@ -12,10 +12,12 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 class ResidualBlock(nn.Module):
     def __init__(self):
         super().__init__()
+        self.first = nn.Conv2d(3, 3, 1)  # an input layer, so the block's conv is a hidden one (for Muon)
         self.conv = nn.Conv2d(3, 3, 3, padding=1)
         self.last_bn = nn.BatchNorm2d(3)
 
     def forward(self, x):
+        x = self.first(x)
         return x + self.last_bn(self.conv(x))
 
 
