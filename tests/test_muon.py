@@ -217,9 +217,19 @@ def test_muon_state_round_trips_through_a_weights_only_load_and_continues_identi
 
 def test_a_digits_run_trains_with_muon_and_resumes(tmp_path):
     out = tmp_path / "runs"
-    assert main(["train", DIGITS, *TINY, f"output_dir={out}", "optimizer.name=muon", "--quiet"]) == 0
+    assert (
+        main(
+            ["train", DIGITS, *TINY, f"output_dir={out}", "optimizer.name=muon", "precision=fp32", "--quiet"]
+        )
+        == 0
+    )
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["checkpoints"]["last"]["test"]["accuracy"] > 0.5  # 2 tiny epochs (SGD: 0.79); chance: 0.1
+    log = (run_dir / "train.log").read_text()
+    assert (
+        "optimizer muon: Muon (muon_lr 0.06, momentum 0.6, 5 Newton-Schulz steps in float32) on 3 hidden"
+        in log
+    )
     assert main(["resume", str(run_dir), "epochs=3", "--quiet"]) == 0
     assert json.loads((run_dir / "results.json").read_text())["epochs"] == 3

@@ -196,6 +196,16 @@ def build_run(cfg, run_dir: Path, *, quiet: bool = False) -> Run:
     optimizer = build_optimizer_from_config(
         model, cfg.optimizer, cfg.effective_batch_size * world, ns_dtype=ns_dtype
     )
+    if cfg.optimizer.name == "muon":
+        from trickbag.muon import hidden_weight_names
+
+        hidden = hidden_weight_names(model)
+        logger.info(
+            f"optimizer muon: Muon (muon_lr {cfg.optimizer.muon_lr:g}, momentum {cfg.optimizer.muon_momentum:g}, "
+            f"{cfg.optimizer.muon_ns_steps} Newton-Schulz steps in {str(ns_dtype).removeprefix('torch.')}) on "
+            f"{len(hidden)} hidden weights ({', '.join(hidden[:3])}{', ...' if len(hidden) > 3 else ''}); "
+            "SGD on the input layer, the head, biases and norms"
+        )
     updates_per_epoch = math.ceil(len(train_loader) / cfg.accumulate)
     scheduler = build_scheduler(optimizer, cfg.schedule, steps_per_epoch=updates_per_epoch, epochs=cfg.epochs)
     weight = None
