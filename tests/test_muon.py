@@ -15,6 +15,7 @@ from trickbag.cli import main
 from trickbag.config import ConfigError, build_optimizer_from_config, build_scheduler, load_config
 from trickbag.models import build_model
 from trickbag.muon import Muon, hidden_weight_names, muon_param_groups, orthogonalize
+from trickbag.optim import choose_implementation
 
 DIGITS = str(Path(__file__).resolve().parents[1] / "recipes" / "digits.yaml")
 TINY = ["epochs=2", "batch_size=64", "threads=1", "deterministic=true", "model.options={width: 8}"]
@@ -120,7 +121,12 @@ def test_sgd_groups_match_torch_optim_sgd_exactly():
         {"params": [reference[0]], "weight_decay": 0.01},
         {"params": [reference[1]], "weight_decay": 0.0},
     ]
-    _run(torch.optim.SGD(torch_groups, lr=0.1, momentum=0.9, nesterov=True), reference, grads)
+    fused = choose_implementation("sgd", reference) == "fused"  # the kernel ours takes here
+    _run(
+        torch.optim.SGD(torch_groups, lr=0.1, momentum=0.9, nesterov=True, fused=fused or None),
+        reference,
+        grads,
+    )
     for a, b in zip(ours, reference):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -134,6 +140,16 @@ def test_a_conv_filter_steps_as_its_flattened_matrix_and_normalize_fixes_its_nor
     flat_grads = [[g.reshape(6, -1) for g in step] for step in grads]
     _run(Muon([{"params": [flat], "muon": True}], lr=1.0, muon_lr=0.05, normalize=False), [flat], flat_grads)
     torch.testing.assert_close(conv.detach().reshape(6, -1), flat.detach())
+
+    # a channels_last filter bank is flattened in its memory order: the same step (permuting columns commutes)
+    nhwc = torch.randn(6, 4, 3, 3)
+    nchw = nhwc.clone().requires_grad_()
+    nhwc = nhwc.to(memory_format=torch.channels_last).requires_grad_()
+    assert not nhwc.is_contiguous()
+    for param in (nchw, nhwc):
+        _run(Muon([{"params": [param], "muon": True}], lr=1.0, muon_lr=0.05), [param], grads)
+    torch.testing.assert_close(nhwc, nchw)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last)
 
     # normalize: w <- w * sqrt(rows) / |w|, then w -= lr * orthogonalize(nesterov momentum) (hand-computed)
     weight = (3 * torch.randn(6, 10)).requires_grad_()

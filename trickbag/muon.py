@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.optim.sgd import sgd as sgd_update
 
-from trickbag.optim import head_parameter_names, param_groups
+from trickbag.optim import choose_implementation, head_parameter_names, param_groups
 
 # The quintic iteration's coefficients (Jordan et al.; the same as torch.optim.Muon): they maximise the slope at
 # zero, so five steps bring every singular value into roughly [0.7, 1.2] instead of exactly 1.
@@ -196,9 +196,13 @@ class Muon(torch.optim.Optimizer):
             if group["muon"]:
                 self._muon_step(group, params)
             else:
+                # The SGD groups take torch's fused / foreach kernel where it has one (a for-loop of small ops
+                # was ~0.15 ms of a 20 ms CPU step; the fused kernel 0.01).
+                chosen = choose_implementation("sgd", params)
                 buffers = [self.state[p].get("momentum_buffer") for p in params]
                 sgd_update(
                     params, [p.grad for p in params], buffers,
+                    fused=chosen == "fused", foreach=chosen == "foreach",
                     weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
                     dampening=0.0, nesterov=group["nesterov"], maximize=False,
                 )  # fmt: skip
@@ -207,17 +211,51 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _muon_step(self, group: dict, params: list[torch.Tensor]) -> None:
-        momentum = group["momentum"]
+        momentum, lr = group["momentum"], group["lr"]
+        grads = [p.grad for p in params]
         for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buffer = state["momentum_buffer"]
-            buffer.mul_(momentum).add_(p.grad)
-            update = p.grad.add(buffer, alpha=momentum) if group["nesterov"] else buffer
-            if group["weight_decay"]:
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-            if self.normalize:
-                p.mul_(len(p) ** 0.5 / (p.norm() + 1e-12))
-            direction = orthogonalize(update.reshape(len(p), -1), self.ns_steps, self.ns_dtype)
-            p.add_(direction.view_as(p), alpha=-group["lr"])
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        buffers = [self.state[p]["momentum_buffer"] for p in params]
+        # Elementwise work as one multi-tensor op per stage (fewer small kernels: the step is latency-bound on CPU).
+        torch._foreach_mul_(buffers, momentum)
+        torch._foreach_add_(buffers, grads)
+        updates = torch._foreach_add(grads, buffers, alpha=momentum) if group["nesterov"] else buffers
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        if self.normalize:
+            norms = torch._foreach_norm(params)
+            torch._foreach_mul_(params, [len(p) ** 0.5 / (norm + 1e-12) for p, norm in zip(params, norms)])
+        directions = [
+            _from_matrix(orthogonalize(_as_matrix(update), self.ns_steps, self.ns_dtype), like=update)
+            for update in updates
+        ]
+        torch._foreach_add_(params, directions, alpha=-lr)
+
+
+def _as_matrix(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as (rows, rest), its columns in memory order: a view for contiguous and channels_last filters.
+
+    Orthogonalization commutes with permuting columns (the polar factor of ``X P`` is that of ``X`` times ``P``),
+    so a channels_last filter bank can be flattened as (out, kh, kw, in) without a copy; the direction goes back
+    the same way, with the parameter's own strides (saves a copy and a strided add: ~0.1-0.3 ms of a ~4 ms Muon
+    step for cifar_fast on 2 cores).
+    """
+    if _is_channels_last(tensor):
+        return tensor.permute(0, 2, 3, 1).reshape(len(tensor), -1)
+    return tensor.reshape(len(tensor), -1)
+
+
+def _from_matrix(matrix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if _is_channels_last(like):
+        out, channels, height, width = like.shape
+        return matrix.view(out, height, width, channels).permute(0, 3, 1, 2)
+    return matrix.view_as(like)
+
+
+def _is_channels_last(tensor: torch.Tensor) -> bool:
+    return (
+        tensor.ndim == 4
+        and not tensor.is_contiguous()
+        and tensor.is_contiguous(memory_format=torch.channels_last)
+    )
