@@ -244,7 +244,7 @@ def test_a_digits_run_trains_with_muon_and_resumes(tmp_path):
     assert results["checkpoints"]["last"]["test"]["accuracy"] > 0.5  # 2 tiny epochs (SGD: 0.79); chance: 0.1
     log = (run_dir / "train.log").read_text()
     assert (
-        "optimizer muon: Muon (muon_lr 0.06, momentum 0.6, 5 Newton-Schulz steps in float32) on 3 hidden"
+        "optimizer muon: Muon (muon_lr 0.06, momentum 0.75, 5 Newton-Schulz steps in float32) on 3 hidden"
         in log
     )
     assert main(["resume", str(run_dir), "epochs=3", "--quiet"]) == 0

@@ -110,7 +110,8 @@ def muon_param_groups(
 ) -> list[dict]:
     """:func:`trickbag.optim.param_groups` with the hidden weights moved into one group ``{"muon": True}``.
 
-    The SGD groups keep their weight decay and get ``lr``; the Muon group's LR is the optimizer's ``muon_lr``.
+    The SGD groups keep their weight decay and get ``lr``; the Muon group's LR is the optimizer's ``muon_lr`` and
+    it has no weight decay (Muon's rescaling fixes the weights' norm; pass your own groups to decay them).
     Raises ValueError when the model has no hidden weight (nothing for Muon to do: use SGD).
     """
     names = set(hidden_weight_names(model))
@@ -142,7 +143,8 @@ class Muon(torch.optim.Optimizer):
     Args:
         params: param groups, e.g. from :func:`muon_param_groups` (a group without ``"muon"`` is an SGD one).
         lr / momentum / nesterov / weight_decay: the SGD groups' defaults, as ``torch.optim.SGD``.
-        muon_lr / muon_momentum: the Muon groups' defaults (airbench94_muon: momentum 0.6, Nesterov).
+        muon_lr / muon_momentum: the Muon groups' defaults (airbench94_muon: 0.6 at batch 2000; at batch 128 on
+            cifar10_fast 0.75 scored +0.46 points over 0.6 in 3 paired seeds, 0.45 and 0.85 less).
         ns_steps: Newton-Schulz steps; ns_dtype: their precision (float32, or bfloat16 where it is fast).
         normalize: rescale each Muon weight before its step (only for layers that feed a norm layer).
     """
@@ -156,7 +158,7 @@ class Muon(torch.optim.Optimizer):
         nesterov: bool = True,
         weight_decay: float = 0.0,
         muon_lr: float = 0.06,
-        muon_momentum: float = 0.6,
+        muon_momentum: float = 0.75,
         ns_steps: int = 5,
         ns_dtype: torch.dtype = torch.float32,
         normalize: bool = True,
