@@ -201,6 +201,8 @@ def test_the_config_builds_muon_and_the_schedule_scales_its_group_too():
     assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([0.05, 0.05, 0.025])
     with pytest.raises(ConfigError, match="backbone_lr_factor is not supported with name='muon'"):
         load_config(None, ["optimizer.name=muon", "optimizer.backbone_lr_factor=0.1"])
+    with pytest.raises(ConfigError, match="implementation='for_loop' is not available with name='muon'"):
+        load_config(None, ["optimizer.name=muon", "optimizer.implementation=for_loop"])
     with pytest.raises(ConfigError, match="muon_momentum"):
         load_config(None, ["optimizer.name=muon", "optimizer.muon_momentum=1"])
 

@@ -228,9 +228,7 @@ class OptimizerConfig(_Section):
     # name=muon only (trickbag.muon): the hidden weights' LR per update, not scaled with the batch (Muon's step
     # has a fixed size), their momentum, Newton-Schulz steps, and the rescaling before each step (airbench)
     muon_lr: float = Field(0.06, gt=0.0)
-    muon_momentum: float = Field(
-        0.75, ge=0.0, lt=1.0
-    )  # airbench's 0.6 is for batch 2000; at 128: 0.75 (3 seeds)
+    muon_momentum: float = Field(0.75, ge=0.0, lt=1.0)  # airbench's 0.6 is for batch 2000; 0.75 at 128
     muon_ns_steps: int = Field(5, ge=1, le=20)
     muon_normalize: bool = True
 
@@ -247,8 +245,11 @@ class OptimizerConfig(_Section):
             raise ValueError(
                 "backbone_lr_factor is not supported with name='muon' (its hidden weights have muon_lr)"
             )
-        if self.name == "muon" and self.implementation == "fused":
-            raise ValueError("implementation='fused' is not available with name='muon'; use auto")
+        if self.name == "muon" and self.implementation != "auto":
+            raise ValueError(
+                f"implementation={self.implementation!r} is not available with name='muon' (its SGD groups take "
+                "torch's fused kernel where there is one); use auto"
+            )
         return self
 
 

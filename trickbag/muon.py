@@ -14,7 +14,7 @@ difference: 80.1 % with it, 78.8 % without.
 
 Usable without the Trainer::
 
-    optimizer = Muon(muon_param_groups(model, lr=0.075, weight_decay=5e-4), muon_lr=0.06)
+    optimizer = Muon(muon_param_groups(model, lr=0.075, weight_decay=5e-4), lr=0.075, muon_lr=0.06)
 
 References:
     Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks",
@@ -86,9 +86,8 @@ def _newton_schulz_gram(x: torch.Tensor, steps: int) -> torch.Tensor:
     gram0 = x @ x.T
     q = None  # X_k = q @ x; q = identity before the first step
     for _ in range(steps):
-        gram = (
-            gram0 if q is None else q @ (q @ gram0)
-        )  # polynomials in gram0 commute: q gram0 q^T = q q gram0
+        # X_k X_k^T = q gram0 q^T = q q gram0: q is a polynomial in gram0, so they commute (and q is symmetric)
+        gram = gram0 if q is None else q @ (q @ gram0)
         poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
         if q is None:
             q = poly + a * torch.eye(len(gram0), dtype=x.dtype, device=x.device)
