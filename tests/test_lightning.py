@@ -34,6 +34,7 @@ from trickbag.lightning import (  # noqa: E402
 )
 from trickbag.metrics import ClassificationMetrics  # noqa: E402
 from trickbag.models import BasicBlock, DigitsCNN  # noqa: E402
+from trickbag.muon import Muon  # noqa: E402
 from trickbag.schedules import Scheduler  # noqa: E402
 
 
@@ -294,6 +295,24 @@ def test_fit_with_every_option_on(tmp_path):
     assert "val_top3_accuracy" in metrics and "val_auroc" in metrics
     tested = fit.test(module, data, verbose=False)[0]
     assert tested["test_accuracy"] == pytest.approx(float(metrics["val_accuracy"]))
+
+
+def test_muon_trains_the_hidden_convs_and_follows_the_schedule():
+    pl.seed_everything(0, verbose=False)
+    module = TrickbagModule(TinyResNet(), 10, optimizer="muon", lr=0.4, nesterov=True, muon_lr=0.05,
+                            schedule="cosine", warmup_epochs=1)  # fmt: skip
+    fit = trainer(max_epochs=2, limit_train_batches=8)
+    data = DigitsDataModule(batch_size=32)
+    fit.fit(module, data)
+    optimizer = fit.optimizers[0]
+    assert isinstance(optimizer, Muon)
+    (muon_group,) = [group for group in optimizer.param_groups if group["muon"]]
+    block = module.model.block
+    assert {id(p) for p in muon_group["params"]} == {id(block.conv1.weight), id(block.conv2.weight)}
+    # each group follows trickbag's schedule from its own base LR (the SGD groups' scaled lr, Muon's muon_lr)
+    assert module.scheduler.base_lrs == [pytest.approx(0.4 * 32 / 256)] * 2 + [pytest.approx(0.05)]
+    assert module.real_updates == module.scheduler.last_step == 16
+    assert float(fit.callback_metrics["val_accuracy"]) > 0.5
 
 
 def test_lr_per_update_equals_trickbag_scheduler_under_accumulation():

@@ -34,6 +34,7 @@ from trickbag.lightning.sync import loss_sums, synced_metrics
 from trickbag.losses import ClassifierLoss
 from trickbag.metrics import ClassificationMetrics
 from trickbag.mixing import BatchMixer
+from trickbag.muon import Muon, muon_param_groups
 from trickbag.optim import build_optimizer, param_groups, scale_lr
 from trickbag.schedules import Scheduler
 
@@ -67,9 +68,11 @@ class TrickbagModule(pl.LightningModule):
         mixup_alpha, cutmix_alpha, fmix_alpha, mix_prob, mix_mode ("batch" | "sample"), mix_off_epoch:
             ``trickbag.mixing.BatchMixer``; mixing is on when any alpha > 0. Label smoothing is then applied
             to the mixed soft targets, once.
-        optimizer: "sgd", "adamw", "adam" or "rmsprop". lr is the LR for ``lr_batch_size`` images and is
-            scaled linearly to the effective batch. batch_size: per-device batch; None reads
-            ``batch_size`` from the training DataLoader.
+        optimizer: "sgd", "adamw", "adam", "rmsprop" or "muon". lr is the LR for ``lr_batch_size`` images and
+            is scaled linearly to the effective batch. batch_size: per-device batch; None reads
+            ``batch_size`` from the training DataLoader. "muon": ``trickbag.muon.Muon`` on the model's hidden
+            conv/linear weights (``muon_lr`` per update, ``muon_momentum``, ``muon_ns_steps``), SGD with
+            lr / momentum / nesterov / weight_decay on the rest.
         weight_decay, no_decay_bias_norm: ``trickbag.optim.param_groups`` (no decay on biases and norms).
         schedule, warmup_epochs, schedule_options: ``trickbag.schedules.Scheduler(kind=schedule, ...)``;
             schedule_options holds the kind's own fields (e.g. {"eta_min": 0.0}, {"milestones": [30, 60]}).
@@ -102,6 +105,9 @@ class TrickbagModule(pl.LightningModule):
         nesterov: bool = False,
         weight_decay: float = 5e-4,
         no_decay_bias_norm: bool = True,
+        muon_lr: float = 0.06,
+        muon_momentum: float = 0.75,
+        muon_ns_steps: int = 5,
         schedule: str = "cosine",
         warmup_epochs: float = 0.0,
         schedule_options: dict[str, Any] | None = None,
@@ -191,8 +197,17 @@ class TrickbagModule(pl.LightningModule):
         batch = hp.batch_size if hp.batch_size is not None else self._loader_batch_size()
         effective = effective_batch_size(batch, trainer.world_size, accumulate)
         lr = scale_lr(hp.lr, effective, base_batch_size=hp.lr_batch_size)
-        groups = param_groups(self, hp.weight_decay, no_decay_bias_norm=hp.no_decay_bias_norm)
-        optimizer = build_optimizer(hp.optimizer, groups, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
+        if hp.optimizer == "muon":
+            groups = muon_param_groups(self, lr=lr, weight_decay=hp.weight_decay,
+                                       no_decay_bias_norm=hp.no_decay_bias_norm)  # fmt: skip
+            optimizer = Muon(groups, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov,
+                             weight_decay=hp.weight_decay, muon_lr=hp.muon_lr, muon_momentum=hp.muon_momentum,
+                             ns_steps=hp.muon_ns_steps)  # fmt: skip
+        else:
+            groups = param_groups(self, hp.weight_decay, no_decay_bias_norm=hp.no_decay_bias_norm)
+            optimizer = build_optimizer(
+                hp.optimizer, groups, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov
+            )
         # Lightning flushes the short last accumulation group of an epoch, as trickbag's own loop does.
         steps_per_epoch = math.ceil(trainer.num_training_batches / accumulate)
         epochs = trainer.max_epochs
