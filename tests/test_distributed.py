@@ -28,6 +28,7 @@ from trickbag.checkpoint import Checkpointer, load_checkpoint
 from trickbag.data import BatchLoader, shard_positions
 from trickbag.losses import ClassifierLoss
 from trickbag.metrics import ClassificationMetrics
+from trickbag.muon import Muon, muon_param_groups
 from trickbag.precision import Precision
 from trickbag.schedules import Scheduler
 from trickbag.train import FitOptions, Loaders, Parts, evaluate, fit, restore_training_state
@@ -71,10 +72,13 @@ def dataset(n: int = 40, seed: int = 0):
     return images, labels
 
 
-def make_model(batchnorm: bool) -> nn.Module:
+def make_model(batchnorm: bool, hidden_conv: bool = False) -> nn.Module:
     torch.manual_seed(0)
     layers = [nn.Conv2d(3, 6, 3, padding=1)]
     layers += [nn.BatchNorm2d(6)] if batchnorm else []
+    layers += (
+        [nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)] if hidden_conv else []
+    )  # for Muon
     layers += [nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)]
     return nn.Sequential(*layers)
 
@@ -85,8 +89,12 @@ def train_loader(batch: int, rank: int = 0, world: int = 1) -> BatchLoader:
                        flip=True, mean=[0.5] * 3, std=[0.25] * 3, rank=rank, world_size=world)  # fmt: skip
 
 
-def make_parts(model: nn.Module, loader, epochs: int, checkpointer=None, weighted: bool = False) -> Parts:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+def make_parts(model: nn.Module, loader, epochs: int, checkpointer=None, weighted: bool = False,
+               muon: bool = False) -> Parts:  # fmt: skip
+    if muon:
+        optimizer = Muon(muon_param_groups(model, lr=0.2, weight_decay=0.0), lr=0.2, muon_lr=0.05)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     steps = math.ceil(len(loader) / 2)
     weight = torch.tensor([1.0, 2.0, 0.5]) if weighted else None
     return Parts(loss_fn=ClassifierLoss(num_classes=3, weight=weight), optimizer=optimizer,
@@ -97,12 +105,13 @@ def make_parts(model: nn.Module, loader, epochs: int, checkpointer=None, weighte
 OPTIONS = {"accumulate": 2, "best_metric": "loss", "log_every": 1}
 
 
-def train(batchnorm: bool, sync_bn: bool, epochs: int, rank: int = 0, world: int = 1, weighted: bool = False):
-    model = make_model(batchnorm)
+def train(batchnorm: bool, sync_bn: bool, epochs: int, rank: int = 0, world: int = 1, weighted: bool = False,
+          muon: bool = False):  # fmt: skip
+    model = make_model(batchnorm, hidden_conv=muon)
     if sync_bn:
         model = distributed.convert_sync_batchnorm(model)
     loader = train_loader(BATCH // world, rank, world)
-    parts = make_parts(model, loader, epochs, weighted=weighted)
+    parts = make_parts(model, loader, epochs, weighted=weighted, muon=muon)
     fit(model, Loaders(loader), parts, FitOptions(epochs=epochs, **OPTIONS))
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
 
@@ -111,6 +120,7 @@ def scenario_equal_updates(rank: int) -> dict:
     return {
         "plain": train(False, False, 2, rank, WORLD, weighted=True),
         "sync_bn": train(True, True, 2, rank, WORLD),
+        "muon": train(True, True, 2, rank, WORLD, muon=True),  # the optimizer steps on all-reduced gradients
     }
 
 
@@ -169,15 +179,18 @@ def test_single_process_helpers_are_the_identity():
 
 def test_two_processes_with_half_batches_give_the_weights_of_one_process(tmp_path):
     torch.set_num_threads(1)
-    reference = {"plain": train(False, False, 2, weighted=True), "sync_bn": train(True, False, 2)}
+    reference = {"plain": train(False, False, 2, weighted=True), "sync_bn": train(True, False, 2),
+                 "muon": train(True, False, 2, muon=True)}  # fmt: skip
     results = run_ranks("scenario_equal_updates", tmp_path)
-    for kind in ("plain", "sync_bn"):
+    for kind in ("plain", "sync_bn", "muon"):
         for key, value in reference[kind].items():
             for rank in range(WORLD):
                 got = results[rank][kind][key]
                 assert torch.allclose(got.double(), value.double(), rtol=1e-4, atol=1e-5), (kind, key, rank)
     # the updates really moved the weights (a broken step would also give equal weights)
     assert not torch.allclose(reference["plain"]["4.weight"], make_model(False).state_dict()["4.weight"])
+    untrained = make_model(True, hidden_conv=True).state_dict()
+    assert not torch.allclose(reference["muon"]["2.weight"], untrained["2.weight"])  # the conv Muon trains
 
 
 def eval_set():
